@@ -1,0 +1,3 @@
+from cog_base.predictor import A_PROMPT, N_PROMPT, ControlNetPredictor
+
+__all__ = ["A_PROMPT", "N_PROMPT", "ControlNetPredictor"]

@@ -1,0 +1,94 @@
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import weights
+from models.pipeline import load_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_manifest_pins_every_component_and_conditions_use_known_ones():
+    components = weights.MANIFEST["components"]
+    for name, spec in components.items():
+        assert re.fullmatch(r"[0-9a-f]{40}", spec["revision"]), f"{name} is not pinned to a commit"
+        assert spec["files"], f"{name} downloads nothing"
+    for condition in weights.CONDITIONS:
+        roles = weights.components(condition)
+        assert {"base", "controlnet"} <= set(roles)
+        assert set(roles.values()) <= set(components)
+
+
+def test_locate_finds_tiny_weights_in_the_real_layout(tiny_weights):
+    found = weights.locate("canny", prefer="tiny")
+    assert found.tiny
+    assert found.base == tiny_weights / "stable-diffusion-v1-5"
+    assert (found.base / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (found.controlnet / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_missing_weights_name_the_commands_that_fix_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTROLNET_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(weights.MissingWeightsError) as err:
+        weights.locate("canny", prefer="auto")
+    assert "make weights COND=canny" in str(err.value)
+    assert "make tiny-weights" in str(err.value)
+    with pytest.raises(weights.MissingWeightsError, match="make weights COND=canny"):
+        weights.locate("canny", prefer="real")
+
+
+def test_a_download_of_another_revision_or_an_unfinished_one_does_not_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTROLNET_WEIGHTS_DIR", str(tmp_path))
+    for name in weights.components("canny").values():
+        (tmp_path / name).mkdir()
+    with pytest.raises(weights.MissingWeightsError):  # no markers: interrupted downloads
+        weights.locate("canny", prefer="real")
+    for name in weights.components("canny").values():
+        weights.write_marker(tmp_path / name, revision="0" * 40)
+    with pytest.raises(weights.MissingWeightsError):
+        weights.locate("canny", prefer="real")
+    for name in weights.components("canny").values():
+        weights.write_marker(tmp_path / name, revision=weights.MANIFEST["components"][name]["revision"])
+    assert not weights.locate("canny", prefer="real").tiny
+
+
+def test_unknown_condition_lists_the_known_ones():
+    with pytest.raises(ValueError, match="canny"):
+        weights.components("depth")
+
+
+def test_download_fails_fast_offline_and_names_what_it_tried(tmp_path):
+    env = {**os.environ, "CONTROLNET_WEIGHTS_DIR": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE")
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "weights.download", "canny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "127.0.0.1:9" in proc.stderr
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5@451f4fe161" in proc.stderr
+    assert "make tiny-weights" in proc.stderr
+    assert not any(tmp_path.iterdir()) or not weights.marker(tmp_path / "stable-diffusion-v1-5")
+
+
+def test_real_loader_on_the_tiny_folder_builds_the_production_pipeline():
+    found = weights.locate("canny", prefer="tiny")
+    pipe = load_pipeline(found.base, found.controlnet, device="cpu")
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    # ControlNet 1.0's ldm DDIM: leading spacing offset by one, no clipping, alpha_prod_t_prev of step 0 not 1
+    assert pipe.scheduler.config.steps_offset == 1
+    assert pipe.scheduler.config.clip_sample is False
+    assert pipe.scheduler.config.set_alpha_to_one is False
+    assert pipe.safety_checker is None
+    for module in (pipe.unet, pipe.controlnet, pipe.vae, pipe.text_encoder):
+        assert module.dtype == torch.float32  # fp16 files upcast on CPU
+    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.vae_scale_factor == 8

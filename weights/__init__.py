@@ -1,0 +1,108 @@
+"""Where each condition's weights live, and the one error that says how to get them.
+
+Layout under the weights root (default: this folder; `CONTROLNET_WEIGHTS_DIR` overrides it):
+    <component>/...          real weights from `make weights COND=<cond>`
+    tiny/<component>/...     tiny random weights from `make tiny-weights`, same layout
+A component folder counts only once its `.complete.json` marker is written, so an interrupted
+download is never mistaken for a usable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MANIFEST = json.loads((HERE / "manifest.json").read_text())
+CONDITIONS: tuple[str, ...] = tuple(MANIFEST["conditions"])
+MARKER = ".complete.json"
+TINY = "tiny"
+
+
+class MissingWeightsError(RuntimeError):
+    pass
+
+
+def root() -> Path:
+    return Path(os.environ.get("CONTROLNET_WEIGHTS_DIR", HERE)).resolve()
+
+
+def components(condition: str) -> dict[str, str]:
+    """Role -> component name (base, controlnet and, for conditions that have one, detector)."""
+    if condition not in MANIFEST["conditions"]:
+        raise ValueError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
+    return {role: name for role, name in MANIFEST["conditions"][condition].items() if name}
+
+
+def marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(folder: Path, **info) -> None:
+    (folder / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def is_complete(folder: Path, name: str, tiny: bool) -> bool:
+    info = marker(folder)
+    if info is None:
+        return False
+    if tiny:
+        return info.get("tiny") is True
+    # A download of another revision is stale: the manifest is the source of truth.
+    return info.get("revision") == MANIFEST["components"][name]["revision"]
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    condition: str
+    tiny: bool
+    folders: dict[str, Path]  # role -> folder
+
+    @property
+    def base(self) -> Path:
+        return self.folders["base"]
+
+    @property
+    def controlnet(self) -> Path:
+        return self.folders["controlnet"]
+
+    @property
+    def detector(self) -> Path | None:
+        return self.folders.get("detector")
+
+
+def _folders(condition: str, tiny: bool) -> dict[str, Path] | None:
+    base = root() / TINY if tiny else root()
+    folders = {role: base / name for role, name in components(condition).items()}
+    if all(is_complete(folder, components(condition)[role], tiny) for role, folder in folders.items()):
+        return folders
+    return None
+
+
+def locate(condition: str, prefer: str | None = None) -> WeightSet:
+    """Real weights when complete, else the tiny ones. `prefer` (or CONTROLNET_WEIGHTS) = real|tiny|auto."""
+    prefer = prefer or os.environ.get("CONTROLNET_WEIGHTS", "auto")
+    if prefer not in ("real", "tiny", "auto"):
+        raise ValueError(f"CONTROLNET_WEIGHTS must be real, tiny or auto, not {prefer!r}")
+    order = {"real": [False], "tiny": [True], "auto": [False, True]}[prefer]
+    for tiny in order:
+        folders = _folders(condition, tiny)
+        if folders is not None:
+            return WeightSet(condition, tiny, folders)
+    missing = ", ".join(
+        str(root() / name) for name in components(condition).values() if not is_complete(root() / name, name, False)
+    )
+    fixes = {
+        "real": f"`make weights COND={condition}` (downloads the real weights; needs internet)",
+        "tiny": "`make tiny-weights` (tiny random weights for tests; offline)",
+    }
+    wanted = [fixes[p] for p in ("real", "tiny") if p == prefer or prefer == "auto"]
+    raise MissingWeightsError(
+        f"no complete {'' if prefer == 'auto' else prefer + ' '}weights for condition {condition!r} "
+        f"(missing or incomplete: {missing}). Run " + " or ".join(wanted) + "."
+    )

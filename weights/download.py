@@ -1,0 +1,73 @@
+"""`python -m weights.download COND`: fetch a condition's real weights into the weights root.
+
+Only this module talks to the network; serving loads local folders only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import socket
+import sys
+import urllib.parse
+from pathlib import Path
+
+import weights
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def check_reachable(url: str, what: str, timeout: float = 10.0) -> None:
+    """Fail in seconds, not after the hub client's minutes of retries, and say what was tried."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        sys.exit(f"make weights: HF_HUB_OFFLINE is set, so {url} (for {what}) will not be contacted; unset it.")
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        sys.exit(
+            f"make weights: cannot reach {parts.hostname}:{port} ({url}) to download {what}: {exc}.\n"
+            "This step needs internet access (set HF_ENDPOINT to use a mirror, HF_TOKEN for gated repos).\n"
+            "Offline, `make tiny-weights` writes tiny random models that let the server and tests run."
+        )
+
+
+def download_component(name: str, dest: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    spec = weights.MANIFEST["components"][name]
+    if weights.is_complete(dest, name, tiny=False):
+        print(f"{name}: already complete at {dest}")
+        return
+    what = f"{spec['repo']}@{spec['revision'][:10]}"
+    check_reachable(endpoint(), what)
+    print(f"{name}: downloading {what} ({', '.join(spec['files'])}) -> {dest}", flush=True)
+    snapshot_download(
+        repo_id=spec["repo"], revision=spec["revision"], allow_patterns=spec["files"], local_dir=dest
+    )
+    got = [p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()]
+    unmatched = [pat for pat in spec["files"] if not fnmatch.filter(got, pat)]
+    if unmatched:
+        sys.exit(f"{name}: {what} has no file matching {unmatched}; the manifest is wrong for this revision.")
+    weights.write_marker(dest, repo=spec["repo"], revision=spec["revision"], files=spec["files"])
+    print(f"{name}: complete", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("condition", choices=weights.CONDITIONS)
+    args = parser.parse_args(argv)
+    for name in weights.components(args.condition).values():
+        download_component(name, weights.root() / name)
+    print(f"weights for {args.condition} are in {weights.root()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""`python -m weights.tiny`: tiny random-weight models in the real weights' folder layout, offline.
+
+They exercise the real loading and generation code in seconds on a CPU. Their images are noise.
+The shapes keep what matters to the serving code: a VAE that downsamples by 8 (so sample sizes
+are multiples of 64 as with SD 1.5), a ControlNet whose conditioning embedding matches, a CLIP
+text encoder with 77 positions and a byte-level BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+import weights
+
+SEED = 0
+TEXT_DIM = 32
+BLOCKS = (32, 32, 64)
+DOWN = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+UP = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+# Same schedule values as SD 1.5's scheduler_config.json.
+SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's byte -> printable-character table (every byte gets a visible symbol)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    table = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
+    return [table[b] for b in range(256)]
+
+
+def write_tokenizer(folder: Path) -> int:
+    """vocab.json + merges.txt + configs, like openai/clip-vit-large-patch14's; returns the vocab size."""
+    chars = _bytes_to_unicode()
+    # Every merge result must be in the vocab (transformers 5 checks).
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "model_max_length": 77, "do_lower_case": True, "add_prefix_space": False,
+         "errors": "replace", "tokenizer_class": "CLIPTokenizer"}, indent=1))
+    return len(tokens)
+
+
+def write_base(folder: Path) -> None:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = write_tokenizer(folder / "tokenizer")
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=BLOCKS, layers_per_block=1, sample_size=64, in_channels=4, out_channels=4,
+        down_block_types=DOWN, up_block_types=UP, cross_attention_dim=TEXT_DIM, norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+        layers_per_block=1, sample_size=64,
+    )
+    # eos_token_id=2 mimics SD 1.5's legacy config (pooled output taken at the argmax token id).
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=TEXT_DIM, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=vocab, max_position_embeddings=77, projection_dim=TEXT_DIM,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    ))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, unet=unet,
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        scheduler=PNDMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # The real base is downloaded as the fp16 variant: save the same file names and dtype.
+    pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    # SD 1.5's PNDM config also carries clip_sample=false, which PNDM ignores but DDIM (whose
+    # default is true) reads when built from it.
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "clip_sample": False}, indent=2))
+    shutil.rmtree(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer")  # keep the four files the real repo has, nothing more
+
+
+def write_controlnet(folder: Path) -> None:
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(SEED + 1)
+    controlnet = ControlNetModel(
+        block_out_channels=BLOCKS, layers_per_block=1, in_channels=4, down_block_types=DOWN,
+        cross_attention_dim=TEXT_DIM, norm_num_groups=8, attention_head_dim=8,
+        # three stride-2 convolutions: pixels -> latents, /8 like the VAE
+        conditioning_embedding_out_channels=(8, 16, 16, 32),
+    )
+    # A new ControlNet starts with zero convolutions, which makes it a no-op, and its default init
+    # shrinks the control image to nothing by the end of the conditioning path. Trained ones do
+    # neither, and tests must be able to see the control map change the samples.
+    with torch.no_grad():
+        for conv in controlnet.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(conv.weight)
+                conv.bias.zero_()
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 1.0)
+    controlnet.save_pretrained(folder)
+
+
+WRITERS = {"base": write_base, "controlnet": write_controlnet}
+
+
+def write(roles: dict[str, str], dest_root: Path, force: bool = False) -> None:
+    """roles: component name -> role (several conditions share the base)."""
+    for name, role in roles.items():
+        folder = dest_root / name
+        if weights.is_complete(folder, name, tiny=True) and not force:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        WRITERS[role](folder)
+        weights.write_marker(folder, tiny=True, component=name)
+        print(f"tiny {name}: written to {folder}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--force", action="store_true", help="rewrite even if already complete")
+    args = parser.parse_args(argv)
+    roles = {}
+    for condition in weights.CONDITIONS:
+        roles.update({name: role for role, name in weights.components(condition).items()})
+    write(roles, weights.root() / weights.TINY, args.force)
+
+
+if __name__ == "__main__":
+    main()
