@@ -1,0 +1,45 @@
+# controlnet-cog: one Cog image per ControlNet condition. `make help` lists the targets.
+COND ?= canny
+PORT ?= 5000
+IMAGE ?=
+PROMPT ?= a cozy cottage with a red roof, photorealistic, golden hour
+PY := .venv/bin/python
+
+.PHONY: help quickstart test install tiny-weights weights serve predict image clean
+
+help:
+	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
+	@echo "make test                           the test suite (offline, CPU, tiny weights)"
+	@echo "make weights COND=canny             download the real weights (needs internet)"
+	@echo "make tiny-weights                   write tiny random-weight models (offline, for tests)"
+	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
+	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server"
+	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
+
+quickstart: tiny-weights
+	$(PY) -m scripts.quickstart --cond $(COND)
+
+test: tiny-weights
+	$(PY) -m pytest
+
+install:
+	@scripts/venv.sh
+
+tiny-weights: install
+	$(PY) -m weights.tiny
+
+weights: install
+	$(PY) -m weights.download $(COND)
+
+serve: tiny-weights
+	$(PY) -m scripts.serve $(COND) --port $(PORT)
+
+predict: install
+	$(PY) -m scripts.predict --port $(PORT) --name $(COND) --image "$(IMAGE)" --prompt "$(PROMPT)"
+
+# Stdlib only: building an image needs no virtualenv here.
+image:
+	python3 -m scripts.build_image $(COND)
+
+clean:
+	rm -rf build outputs .pytest_cache

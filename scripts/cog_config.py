@@ -1,0 +1,31 @@
+"""Read the few fields we need from a condition's cog.yaml, with the standard library only
+(`make image` runs before any virtualenv exists)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cog_yaml(condition: str) -> Path:
+    path = ROOT / "predictors" / condition / "cog.yaml"
+    if not path.is_file():
+        known = sorted(p.parent.name for p in (ROOT / "predictors").glob("*/cog.yaml"))
+        raise SystemExit(f"unknown condition {condition!r}: no {path.relative_to(ROOT)} (known: {', '.join(known)})")
+    return path
+
+
+def field(condition: str, name: str) -> str:
+    match = re.search(rf'^\s*{name}:\s*"?([^"\n]+?)"?\s*$', cog_yaml(condition).read_text(), re.MULTILINE)
+    if not match:
+        raise SystemExit(f"{cog_yaml(condition)} has no {name}:")
+    return match.group(1)
+
+
+def pinned_sdk() -> str:
+    match = re.search(r"^cog==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
+    if not match:
+        raise SystemExit("requirements.txt does not pin cog==VERSION")
+    return match.group(1)

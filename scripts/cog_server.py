@@ -1,0 +1,82 @@
+"""Start, wait for and stop a real Cog HTTP server in a subprocess (tests and the quickstart)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from scripts.cog_config import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CogServer:
+    def __init__(self, condition: str, port: int | None = None, log_path: Path | None = None, env: dict | None = None):
+        self.condition = condition
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path or ROOT / "outputs" / f"server-{condition}-{self.port}.log")
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "CogServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout: float = 300) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            # A session of its own, so stop() also reaches the prediction worker it spawns.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "scripts.serve", self.condition, "--port", str(self.port)],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Cog server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            status = self.health()
+            if status == "READY":
+                return
+            if status == "SETUP_FAILED":
+                self.stop()
+                raise RuntimeError(f"Cog server setup failed:\n{self.log()[-4000:]}")
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"Cog server not READY after {timeout:.0f}s:\n{self.log()[-4000:]}")
+
+    def health(self) -> str | None:
+        try:
+            return requests.get(f"{self.url}/health-check", timeout=5).json().get("status")
+        except (requests.RequestException, ValueError):
+            return None
+
+    def predict(self, inputs: dict, timeout: float = 600) -> requests.Response:
+        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
