@@ -16,6 +16,7 @@ import os
 # Serving never downloads: every weight comes from a local folder (see weights/).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import inspect
 import secrets
 import shutil
 import tempfile
@@ -34,6 +35,10 @@ A_PROMPT = "best quality, extremely detailed"
 N_PROMPT = (
     "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
     "cropped, worst quality, low quality"
+)
+# Every condition's predict() starts with these, in this order; then its `extra_inputs`.
+SHARED_INPUTS = (
+    "image", "prompt", "num_samples", "image_resolution", "ddim_steps", "scale", "seed", "eta", "a_prompt", "n_prompt",
 )
 NUM_SAMPLES = ("1", "4")
 IMAGE_RESOLUTIONS = ("256", "512", "768")
@@ -60,12 +65,23 @@ class ControlNetPredictor(BasePredictor):
     detect_at_resolution run the detector at `detect_resolution` (then resize the map to the
                          sample size with `map_interpolation`), or on the image already at the
                          sample size when False
+    extra_inputs         the inputs its predict() takes after SHARED_INPUTS, in order
     """
 
     condition: ClassVar[str]
     detector_class: ClassVar[type]
     detect_at_resolution: ClassVar[bool] = True
     map_interpolation: ClassVar[str] = "bilinear"
+    extra_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The literal Cog signature and the declaration must not drift apart.
+        if "predict" in cls.__dict__:
+            params = list(inspect.signature(cls.predict).parameters)[1:]
+            expected = [*SHARED_INPUTS, *cls.extra_inputs]
+            if params != expected:
+                raise TypeError(f"{cls.__qualname__}.predict() must take {expected}, in order; it takes {params}")
 
     def setup(self) -> None:
         self.weights = weights.locate(self.condition)

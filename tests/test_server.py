@@ -1,14 +1,19 @@
-"""The real Cog HTTP server (`python -m cog.server.http`, the image's entry point) in a subprocess."""
+"""The real Cog HTTP server (`python -m cog.server.http`, the image's entry point), one per condition."""
 
 import base64
+import importlib
 import io
 
 import pytest
 import requests
 from PIL import Image
 
+import weights
+from cog_base.predictor import SHARED_INPUTS
 from scripts.cog_server import CogServer
 from tests.conftest import drawing, png_bytes
+
+CONDITIONS = weights.CONDITIONS
 
 
 def data_uri(raw: bytes, mime="image/png") -> str:
@@ -20,44 +25,81 @@ def decode(uri: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with CogServer("canny", log_path=tmp_path_factory.mktemp("cog") / "server.log") as running:
+def predictor_class(condition):
+    return importlib.import_module(f"predictors.{condition}.predict").Predictor
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """Each server is started once for the whole suite, all at the same time (setup is mostly imports)."""
+    logs = tmp_path_factory.mktemp("cog")
+    running = {c: CogServer(c, log_path=logs / f"{c}.log") for c in CONDITIONS}
+    try:
+        for server in running.values():
+            server.launch()
+        for server in running.values():
+            server.wait_ready()
         yield running
+    finally:
+        for server in running.values():
+            server.stop()
 
 
-def test_health_check_is_ready(server):
+@pytest.fixture(params=CONDITIONS)
+def server(request, servers):
+    return servers[request.param]
+
+
+def schema_inputs(server):
+    schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
+    return schema, schema["components"]["schemas"]["Input"]
+
+
+GOOD = {"prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 7}
+
+
+def test_health_check_is_ready_and_start_up_says_tiny_weights(server):
     assert requests.get(f"{server.url}/health-check", timeout=10).json()["status"] == "READY"
-
-
-def test_start_up_says_tiny_weights_are_served(server):
     assert "TINY RANDOM-WEIGHT" in server.log()
 
 
-def test_openapi_schema_has_the_jagilley_inputs(server):
-    schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
-    inputs = schema["components"]["schemas"]["Input"]
+def test_schema_has_the_shared_inputs_then_the_declared_extras(server):
+    schema, inputs = schema_inputs(server)
     props = inputs["properties"]
+    assert list(props) == [*SHARED_INPUTS, *predictor_class(server.condition).extra_inputs]
     assert sorted(inputs["required"]) == ["image", "prompt"]
-    assert list(props) == [
-        "image", "prompt", "num_samples", "image_resolution", "ddim_steps", "scale", "seed", "eta",
-        "a_prompt", "n_prompt", "low_threshold", "high_threshold",
-    ]
     assert props["image"]["format"] == "uri"
     assert props["ddim_steps"]["default"] == 20 and props["ddim_steps"]["minimum"] == 1
     assert props["scale"]["default"] == 9.0
-    assert props["low_threshold"]["default"] == 100 and props["high_threshold"]["default"] == 200
     enums = schema["components"]["schemas"]
     assert enums["num_samples"]["enum"] == ["1", "4"] and props["num_samples"]["default"] == "1"
-    assert enums["image_resolution"]["enum"] == ["256", "512", "768"]
-    assert "default" not in props["seed"] or props["seed"]["default"] is None
+    assert enums["image_resolution"]["enum"] == ["256", "512", "768"] and props["image_resolution"]["default"] == "512"
+    assert props["seed"].get("default") is None
     assert schema["components"]["schemas"]["Output"]["type"] == "array"
 
 
+def test_shared_inputs_are_identical_in_all_six_schemas(servers):
+    schemas = {c: schema_inputs(s) for c, s in servers.items()}
+    reference_schema, reference = schemas["canny"]
+    for condition, (schema, inputs) in schemas.items():
+        for name in SHARED_INPUTS:
+            assert inputs["properties"][name] == reference["properties"][name], (condition, name)
+        for enum in ("num_samples", "image_resolution"):
+            assert schema["components"]["schemas"][enum] == reference_schema["components"]["schemas"][enum]
+    detecting = [inputs["properties"]["detect_resolution"] for _, inputs in schemas.values()
+                 if "detect_resolution" in inputs["properties"]]
+    assert len(detecting) >= 1 and all(d == detecting[0] for d in detecting)
+    assert detecting[0]["default"] == 512 and (detecting[0]["minimum"], detecting[0]["maximum"]) == (128, 1024)
+
+
+def test_canny_extras_keep_the_jagilley_defaults(servers):
+    props = schema_inputs(servers["canny"])[1]["properties"]
+    assert (props["low_threshold"]["default"], props["high_threshold"]["default"]) == (100, 200)
+    assert (props["low_threshold"]["minimum"], props["low_threshold"]["maximum"]) == (1, 255)
+
+
 def test_sync_prediction_returns_the_map_then_the_sample(server):
-    response = server.predict(
-        {"image": data_uri(png_bytes(drawing())), "prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 7}
-    )
+    response = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "succeeded", body.get("error")
@@ -67,8 +109,8 @@ def test_sync_prediction_returns_the_map_then_the_sample(server):
     assert "TINY RANDOM-WEIGHT" in body["logs"]
 
 
-def test_four_samples_over_http(server):
-    body = server.predict(
+def test_four_samples_over_http(servers):
+    body = servers["canny"].predict(
         {"image": data_uri(png_bytes(drawing(mode="RGBA"))), "prompt": "x", "num_samples": "4", "image_resolution": "256", "ddim_steps": 1}
     ).json()
     assert body["status"] == "succeeded", body.get("error")
@@ -83,7 +125,6 @@ def test_four_samples_over_http(server):
         {"num_samples": "7"},
         {"image_resolution": "1024"},
         {"scale": 0},
-        {"low_threshold": 256},
         {"seed": -2},
         {"image": "not a url"},
         {"prompt": None},
@@ -92,13 +133,23 @@ def test_four_samples_over_http(server):
 def test_bad_input_gets_422(server, bad):
     inputs = {"image": data_uri(png_bytes(drawing())), "prompt": "a house"} | bad
     inputs = {k: v for k, v in inputs.items() if v is not None}
-    response = server.predict(inputs)
-    assert response.status_code == 422, response.text
+    assert server.predict(inputs).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "condition, bad",
+    [("canny", {"low_threshold": 256}), ("hough", {"value_threshold": 3.0}), ("hough", {"detect_resolution": 64}),
+     ("hed", {"detect_resolution": 2048})],
+)
+def test_bad_condition_inputs_get_422(servers, condition, bad):
+    if condition not in servers:
+        pytest.skip(f"{condition} is not a condition")
+    assert servers[condition].predict({"image": data_uri(png_bytes(drawing())), "prompt": "x"} | bad).status_code == 422
 
 
 def test_undecodable_image_fails_with_a_message_and_the_server_survives(server):
     body = server.predict({"image": data_uri(b"not an image at all"), "prompt": "x"}).json()
     assert body["status"] == "failed"
     assert "could not be decoded" in body["error"]
-    ok = server.predict({"image": data_uri(png_bytes(drawing())), "prompt": "x", "image_resolution": "256", "ddim_steps": 1})
+    ok = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD})
     assert ok.json()["status"] == "succeeded"

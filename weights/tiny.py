@@ -55,7 +55,7 @@ def write_tokenizer(folder: Path) -> int:
     return len(tokens)
 
 
-def write_base(folder: Path) -> None:
+def write_base(folder: Path, name: str) -> None:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -93,7 +93,7 @@ def write_base(folder: Path) -> None:
     write_tokenizer(folder / "tokenizer")  # keep the four files the real repo has, nothing more
 
 
-def write_controlnet(folder: Path) -> None:
+def write_controlnet(folder: Path, name: str) -> None:
     from diffusers import ControlNetModel
 
     torch.manual_seed(SEED + 1)
@@ -116,7 +116,15 @@ def write_controlnet(folder: Path) -> None:
     controlnet.save_pretrained(folder)
 
 
-WRITERS = {"base": write_base, "controlnet": write_controlnet}
+def write_detector(folder: Path, name: str) -> None:
+    """The detector class that loads a component also writes its random version, in the same layout."""
+    import importlib
+
+    module, _, cls = weights.MANIFEST["components"][name]["random"].partition(":")
+    getattr(importlib.import_module(module), cls).save_random(folder, seed=SEED + 2)
+
+
+WRITERS = {"base": write_base, "controlnet": write_controlnet, "detector": write_detector}
 
 
 def write(roles: dict[str, str], dest_root: Path, force: bool = False) -> None:
@@ -126,7 +134,7 @@ def write(roles: dict[str, str], dest_root: Path, force: bool = False) -> None:
         if weights.is_complete(folder, name, tiny=True) and not force:
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        WRITERS[role](folder)
+        WRITERS[role](folder, name)
         weights.write_marker(folder, tiny=True, component=name)
         print(f"tiny {name}: written to {folder}")
 

@@ -10,6 +10,7 @@ class Predictor(ControlNetPredictor):
     condition = "canny"
     detector_class = CannyDetector
     detect_at_resolution = False  # ControlNet 1.0 ran Canny on the image already at sample size
+    extra_inputs = ("low_threshold", "high_threshold")
 
     def predict(
         self,

@@ -1,0 +1,77 @@
+"""Every condition's predictor through the plain method, on tiny weights (no HTTP)."""
+
+import importlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import weights
+from cog_base import ControlNetPredictor
+
+FAST = dict(ddim_steps=1, image_resolution="256", seed=3)
+
+
+def predictor_class(condition):
+    return importlib.import_module(f"predictors.{condition}.predict").Predictor
+
+
+@pytest.fixture(scope="module", params=weights.CONDITIONS)
+def predictor(request):
+    p = predictor_class(request.param)()
+    p.setup()
+    return p
+
+
+def test_every_condition_returns_its_map_then_the_samples(predictor, image_file):
+    files = predictor.generate(image_file(), "a house", num_samples="4", **FAST)
+    assert len(files) == 5
+    sizes = {Image.open(f).size for f in files}
+    assert sizes == {(320, 256)}
+    control = np.asarray(Image.open(files[0]))
+    assert control.shape == (256, 320, 3) and control.dtype == np.uint8
+
+
+def test_the_detector_component_is_the_one_its_class_writes(predictor):
+    roles = weights.components(predictor.condition)
+    if "detector" in roles:
+        spec = weights.MANIFEST["components"][roles["detector"]]
+        module, _, cls = spec["random"].partition(":")
+        assert getattr(importlib.import_module(module), cls) is predictor.detector_class
+        assert predictor.weights.detector.name == roles["detector"]
+    else:
+        assert predictor.weights.detector is None
+
+
+def test_nearest_resized_maps_keep_only_detector_values(predictor, image_file):
+    if predictor.map_interpolation != "nearest":
+        pytest.skip("bilinear map")
+    rgb = np.asarray(Image.open(image_file()).convert("RGB"))
+    control = predictor.runner.control_map(rgb, 256, 384)  # detect at a size unlike the sample's
+    detected = predictor.runner.detector(cv2.resize(rgb, (512, 384)))
+    assert {tuple(c) for c in control.reshape(-1, 3)} <= {tuple(c) for c in detected.reshape(-1, 3)}
+
+
+def test_scribble_thresholds_the_drawing_at_the_sample_size(image_file):
+    if "scribble" not in weights.CONDITIONS:
+        pytest.skip("no scribble")
+    p = predictor_class("scribble")()
+    p.setup()
+    img = np.full((300, 400, 3), 255, np.uint8)
+    cv2.line(img, (20, 20), (380, 280), (0, 0, 0), 9)
+    path = image_file()
+    Image.fromarray(img).save(path)
+    control = np.asarray(Image.open(p.generate(path, "x", **FAST)[0]))
+    resized = cv2.resize(img, (320, 256), interpolation=cv2.INTER_AREA)
+    expected = np.where(resized.min(axis=2) < 127, 255, 0)
+    np.testing.assert_array_equal(control[..., 0], expected)
+
+
+def test_a_predict_signature_that_drifts_from_its_declaration_is_refused():
+    with pytest.raises(TypeError, match="must take"):
+        class Broken(ControlNetPredictor):
+            extra_inputs = ("low_threshold",)
+
+            def predict(self, image, prompt):
+                pass
