@@ -9,6 +9,7 @@ from PIL import Image
 
 import weights
 from cog_base import ControlNetPredictor
+from models.image import resize_to_resolution
 
 FAST = dict(ddim_steps=1, image_resolution="256", seed=3)
 
@@ -49,7 +50,7 @@ def test_nearest_resized_maps_keep_only_detector_values(predictor, image_file):
         pytest.skip("bilinear map")
     rgb = np.asarray(Image.open(image_file()).convert("RGB"))
     control = predictor.runner.control_map(rgb, 256, 384)  # detect at a size unlike the sample's
-    detected = predictor.runner.detector(cv2.resize(rgb, (512, 384)))
+    detected = predictor.runner.detector(resize_to_resolution(rgb, 384))
     assert {tuple(c) for c in control.reshape(-1, 3)} <= {tuple(c) for c in detected.reshape(-1, 3)}
 
 

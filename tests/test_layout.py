@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import weights
 from scripts.cog_config import field, pinned_sdk
 
@@ -36,36 +38,42 @@ def test_cog_stays_out_of_the_model_code():
 
 def fake_real_weights(root: Path, condition: str) -> None:
     for name in weights.components(condition).values():
+        if (root / name).exists():
+            continue
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text("{}")
         weights.write_marker(root / name, revision=weights.MANIFEST["components"][name]["revision"])
-    (root / "tiny" / "not-this").mkdir(parents=True)  # must not travel
+    (root / "tiny" / "not-this").mkdir(parents=True, exist_ok=True)  # must not travel
 
 
-def test_make_image_stages_only_this_condition_and_explains_what_is_missing(tmp_path):
+@pytest.mark.parametrize("condition", weights.CONDITIONS)
+def test_make_image_stages_only_this_condition_and_explains_what_is_missing(tmp_path, condition):
     weights_root = tmp_path / "weights"
-    fake_real_weights(weights_root, "canny")
-    (weights_root / "sd-controlnet-other").mkdir()
+    for other in weights.CONDITIONS:  # every condition's weights present: only its own may travel
+        if other != condition:
+            fake_real_weights(weights_root, other)
+    fake_real_weights(weights_root, condition)
     context = tmp_path / "context"
     env = {**os.environ, "CONTROLNET_WEIGHTS_DIR": str(weights_root), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        ["/usr/bin/env", "python3", "-m", "scripts.build_image", "canny", "--context", str(context)],
+        ["/usr/bin/env", "python3", "-m", "scripts.build_image", condition, "--context", str(context)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     if proc.returncode == 0:  # a machine with cog and Docker built it for real
         return
-    assert "cog CLI" in proc.stderr and "cog build -t controlnet-canny" in proc.stderr
-    assert (context / "cog.yaml").read_text() == (ROOT / "predictors/canny/cog.yaml").read_text()
+    assert "cog CLI" in proc.stderr and f"cog build -t controlnet-{condition}" in proc.stderr
+    assert (context / "cog.yaml").read_text() == (ROOT / f"predictors/{condition}/cog.yaml").read_text()
     assert "cog==" not in (context / "requirements.txt").read_text()
     assert "torch==" in (context / "requirements.txt").read_text()
     assert sorted(p.name for p in (context / "weights").iterdir() if p.is_dir()) == sorted(
-        weights.components("canny").values()
+        weights.components(condition).values()
     )
-    assert (context / "predictors/canny/predict.py").is_file()
-    assert not (context / "predictors/canny/cog.yaml").exists()
+    assert sorted(p.name for p in (context / "predictors").iterdir() if p.is_dir()) == [condition]
+    assert (context / f"predictors/{condition}/predict.py").is_file()
+    assert not (context / f"predictors/{condition}/cog.yaml").exists()
     assert (context / "cog_base/predictor.py").is_file()
     detectors = sorted(p.name for p in (context / "models/detectors").glob("*.py"))
-    assert detectors == ["__init__.py", "canny.py"]
+    assert detectors == sorted(["__init__.py", f"{condition}.py"])
 
 
 def test_make_image_without_real_weights_names_the_fix(tmp_path):

@@ -139,7 +139,7 @@ def test_bad_input_gets_422(server, bad):
 @pytest.mark.parametrize(
     "condition, bad",
     [("canny", {"low_threshold": 256}), ("hough", {"value_threshold": 3.0}), ("hough", {"detect_resolution": 64}),
-     ("hed", {"detect_resolution": 2048})],
+     ("hed", {"detect_resolution": 2048}), ("normal", {"bg_threshold": 1.5}), ("seg", {"detect_resolution": 100})],
 )
 def test_bad_condition_inputs_get_422(servers, condition, bad):
     if condition not in servers:

@@ -106,6 +106,6 @@ class NormalDetector:
         config.save_pretrained(folder)
         # transformers 5 only writes safetensors; the real download is a pickled state dict.
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
-        # DPTImageProcessor's defaults are the real file's values: 384x384 bicubic, mean = std = 0.5 (the
-        # x / 127.5 - 1 input lllyasviel's annotator used).
+        # transformers' conversion script saved the real file from DPTImageProcessor(size=384), i.e. these
+        # defaults: 384x384 bicubic, mean = std = 0.5 (the x / 127.5 - 1 input lllyasviel's annotator used).
         DPTImageProcessor().save_pretrained(folder)

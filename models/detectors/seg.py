@@ -98,6 +98,6 @@ class SegDetector:
         config.save_pretrained(folder)
         # transformers 5 only writes safetensors; the real download is a pickled state dict.
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
-        # The real preprocessor_config.json is SegformerImageProcessor's defaults (resize to 512x512,
-        # ImageNet mean/std), which this writes key for key.
+        # The real preprocessor_config.json holds SegformerImageProcessor's defaults (512x512, ImageNet
+        # mean/std); this writes the same keys.
         SegformerImageProcessor().save_pretrained(folder)
