@@ -10,6 +10,8 @@ import torch
 # (a few seconds and a burst of timm/mediapipe warnings, once per process).
 from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
 
+from models.detectors import device, require_files
+
 WEIGHTS_FILE = "ControlNetHED.pth"  # as named in lllyasviel/Annotators
 
 
@@ -31,15 +33,10 @@ class HedDetector:
 
     @classmethod
     def from_weights(cls, folder: Path | None) -> "HedDetector":
-        path = Path(folder or ".") / WEIGHTS_FILE
-        if folder is None or not path.is_file():
-            raise FileNotFoundError(
-                f"HED weights not found at {path}; run `make weights COND=hed` "
-                f"(or `make tiny-weights` for random ones)"
-            )
+        folder = require_files(folder, [WEIGHTS_FILE], "hed")
         # controlnet_aux's own loader reads a local folder without touching the network.
-        detector = HEDdetector.from_pretrained(str(path.parent), filename=path.name)
-        return cls(detector.netNetwork.to("cuda" if torch.cuda.is_available() else "cpu"))
+        detector = HEDdetector.from_pretrained(str(folder), filename=WEIGHTS_FILE)
+        return cls(detector.netNetwork.to(device()))
 
     @classmethod
     def save_random(cls, folder: Path, seed: int = 0) -> None:

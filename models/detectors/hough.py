@@ -17,6 +17,7 @@ from controlnet_aux.mlsd import MLSDdetector
 from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
 from controlnet_aux.mlsd.utils import pred_lines
 
+from models.detectors import device, require_files
 from models.image import to_three_channels
 
 WEIGHTS_FILE = "mlsd_large_512_fp32.pth"  # as named in lllyasviel/Annotators
@@ -48,10 +49,10 @@ class HoughDetector:
 
     @classmethod
     def from_weights(cls, folder: Path | None) -> "HoughDetector":
-        path = _weights_path(folder)
+        folder = require_files(folder, [WEIGHTS_FILE], "hough")
         # controlnet_aux's own loader reads a local folder without touching the network.
-        model = MLSDdetector.from_pretrained(str(path.parent), filename=path.name).model
-        return cls(model.to("cuda" if torch.cuda.is_available() else "cpu"))
+        model = MLSDdetector.from_pretrained(str(folder), filename=WEIGHTS_FILE).model
+        return cls(model.to(device()))
 
     @classmethod
     def save_random(cls, folder: Path, seed: int = 0) -> None:
@@ -61,12 +62,3 @@ class HoughDetector:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(MobileV2_MLSD_Large().state_dict(), folder / WEIGHTS_FILE)
 
-
-def _weights_path(folder: Path | None) -> Path:
-    path = Path(folder or ".") / WEIGHTS_FILE
-    if folder is None or not path.is_file():
-        raise FileNotFoundError(
-            f"M-LSD weights not found at {path}; run `make weights COND=hough` "
-            f"(or `make tiny-weights` for random ones)"
-        )
-    return path

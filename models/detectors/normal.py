@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from transformers import BitConfig, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
+from models.detectors import load_transformers
+
 # Files of Intel/dpt-hybrid-midas on main; its weights are pickle-only there (the safetensors copy is an
 # unmerged pull request). transformers reads them with torch.load(weights_only=True).
 FILES = ("config.json", "preprocessor_config.json", "pytorch_model.bin")
@@ -69,16 +71,7 @@ class NormalDetector:
     def from_weights(cls, folder: Path) -> "NormalDetector":
         # fp32 even on CUDA, as lllyasviel ran it: the Sobel filters differentiate neighbouring depths, and
         # fp16 rounds them to 11 significant bits, so its rounding steps would show up as stripes.
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        missing = [name for name in FILES if not (Path(folder) / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{', '.join(missing)} not found in {folder}; run `make weights COND=normal` "
-                f"(or `make tiny-weights` for random ones)"
-            )
-        model = DPTForDepthEstimation.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-        processor = DPTImageProcessor.from_pretrained(folder, local_files_only=True)
-        return cls(model.to(device), processor)
+        return cls(*load_transformers(folder, DPTForDepthEstimation, DPTImageProcessor, FILES, "normal"))
 
     @classmethod
     def save_random(cls, folder: Path, seed: int = 0) -> None:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
 
+from models.detectors import load_transformers
+
 # Files of openmmlab/upernet-convnext-small on main. Its weights are pickle-only there (the safetensors copy
 # is an unmerged pull request); transformers reads them with torch.load(weights_only=True).
 FILES = ("config.json", "preprocessor_config.json", "pytorch_model.bin")
@@ -70,16 +72,7 @@ class SegDetector:
     def from_weights(cls, folder: Path) -> "SegDetector":
         # fp32 even on CUDA: the network is small next to SD, and half precision can flip the argmax
         # where two classes are close, which changes colours the ControlNet relies on.
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        missing = [name for name in FILES if not (Path(folder) / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{', '.join(missing)} not found in {folder}; run `make weights COND=seg` "
-                f"(or `make tiny-weights` for random ones)"
-            )
-        model = UperNetForSemanticSegmentation.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-        processor = SegformerImageProcessor.from_pretrained(folder, local_files_only=True)
-        return cls(model.to(device), processor)
+        return cls(*load_transformers(folder, UperNetForSemanticSegmentation, SegformerImageProcessor, FILES, "seg"))
 
     @classmethod
     def save_random(cls, folder: Path, seed: int = 0) -> None:
