@@ -3,6 +3,7 @@ COND ?= canny
 PORT ?= 5000
 IMAGE ?=
 PROMPT ?= a cozy cottage with a red roof, photorealistic, golden hour
+ARGS ?=
 PY := .venv/bin/python
 
 .PHONY: help quickstart test install tiny-weights weights serve predict image clean
@@ -13,7 +14,7 @@ help:
 	@echo "make weights COND=canny             download the real weights (needs internet)"
 	@echo "make tiny-weights                   write tiny random-weight models (offline, for tests)"
 	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
-	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server"
+	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42')"
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
 
 quickstart: tiny-weights
@@ -35,7 +36,7 @@ serve: tiny-weights
 	$(PY) -m scripts.serve $(COND) --port $(PORT)
 
 predict: install
-	$(PY) -m scripts.predict --port $(PORT) --name $(COND) --image "$(IMAGE)" --prompt "$(PROMPT)"
+	$(PY) -m scripts.predict --port $(PORT) --name $(COND) --image "$(IMAGE)" --prompt "$(PROMPT)" $(ARGS)
 
 # Stdlib only: building an image needs no virtualenv here.
 image:

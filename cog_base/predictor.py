@@ -20,6 +20,7 @@ import inspect
 import secrets
 import shutil
 import tempfile
+import time
 import uuid
 from typing import Any, ClassVar
 
@@ -84,6 +85,7 @@ class ControlNetPredictor(BasePredictor):
                 raise TypeError(f"{cls.__qualname__}.predict() must take {expected}, in order; it takes {params}")
 
     def setup(self) -> None:
+        start = time.perf_counter()
         self.weights = weights.locate(self.condition)
         if self.weights.tiny:
             print(self.tiny_warning(), flush=True)
@@ -96,7 +98,11 @@ class ControlNetPredictor(BasePredictor):
             map_interpolation=self.map_interpolation,
         )
         self._output_dir: str | None = None
-        print(f"{self.condition}: ready on {pipe.device} with weights from {self.weights.base.parent}", flush=True)
+        print(
+            f"{self.condition}: ready on {pipe.device} in {time.perf_counter() - start:.1f}s "
+            f"with weights from {self.weights.base.parent}",
+            flush=True,
+        )
 
     def tiny_warning(self) -> str:
         return (

@@ -58,7 +58,10 @@ def main() -> None:
 
     import weights
 
-    found = weights.locate(args.condition)  # fail here, with the fix, rather than as SETUP_FAILED
+    try:  # fail here, with the fix, rather than as SETUP_FAILED
+        found = weights.locate(args.condition)
+    except (ValueError, weights.MissingWeightsError) as exc:
+        raise SystemExit(f"make serve: {exc}") from None
     if found.tiny:
         print(
             "\n" + "!" * 78 + f"\n  No real weights for {args.condition}: serving TINY RANDOM-WEIGHT models (noise).\n"

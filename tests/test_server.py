@@ -147,6 +147,25 @@ def test_bad_condition_inputs_get_422(servers, condition, bad):
     assert servers[condition].predict({"image": data_uri(png_bytes(drawing())), "prompt": "x"} | bad).status_code == 422
 
 
+def test_image_by_http_url(servers, tmp_path):
+    """Cog downloads URL inputs itself; served here from loopback."""
+    import functools
+    import http.server
+    import threading
+
+    drawing().save(tmp_path / "house.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/house.png"
+        body = servers["canny"].predict({"image": url, **GOOD}).json()
+    finally:
+        httpd.shutdown()
+    assert body["status"] == "succeeded", body.get("error")
+    assert [decode(uri).size for uri in body["output"]] == [(320, 256), (320, 256)]
+
+
 def test_undecodable_image_fails_with_a_message_and_the_server_survives(server):
     body = server.predict({"image": data_uri(b"not an image at all"), "prompt": "x"}).json()
     assert body["status"] == "failed"
