@@ -92,3 +92,41 @@ def test_real_loader_on_the_tiny_folder_builds_the_production_pipeline():
         assert module.dtype == torch.float32  # fp16 files upcast on CPU
     assert pipe.tokenizer.model_max_length == 77
     assert pipe.vae_scale_factor == 8
+
+
+def fake_snapshot(files_present):
+    """Stands in for the hub: writes the files a real snapshot_download would, for the allow_patterns."""
+
+    def snapshot_download(repo_id, revision, allow_patterns, local_dir):
+        for rel in files_present:
+            (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(local_dir) / rel).write_text(f"{repo_id}@{revision}")
+        return str(local_dir)
+
+    return snapshot_download
+
+
+def test_download_marks_each_component_complete_at_its_revision(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import weights.download as download
+
+    monkeypatch.setenv("CONTROLNET_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(download, "check_reachable", lambda url, what: None)
+    spec = weights.MANIFEST["components"]["sd-controlnet-canny"]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot(spec["files"]))
+    download.download_component("sd-controlnet-canny", tmp_path / "sd-controlnet-canny")
+    assert weights.is_complete(tmp_path / "sd-controlnet-canny", "sd-controlnet-canny", tiny=False)
+    assert weights.marker(tmp_path / "sd-controlnet-canny")["revision"] == spec["revision"]
+
+
+def test_download_refuses_a_revision_missing_a_listed_file(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import weights.download as download
+
+    monkeypatch.setattr(download, "check_reachable", lambda url, what: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot(["config.json"]))
+    with pytest.raises(SystemExit, match="diffusion_pytorch_model.safetensors"):
+        download.download_component("sd-controlnet-canny", tmp_path / "c")
+    assert weights.marker(tmp_path / "c") is None
