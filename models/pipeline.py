@@ -24,7 +24,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from models.image import resize_map, resize_to_resolution
+from models.image import resize_map, resize_to_resolution, target_size
 
 
 def default_device() -> str:
@@ -92,10 +92,9 @@ class ControlNetRunner:
         self.map_interpolation = map_interpolation
 
     def control_map(self, image: np.ndarray, image_resolution: int, detect_resolution: int, **options) -> np.ndarray:
-        resized = resize_to_resolution(image, image_resolution)
         if not self.detect_at_resolution:
-            return self.detector(resized, **options)
-        height, width = resized.shape[:2]
+            return self.detector(resize_to_resolution(image, image_resolution), **options)
+        height, width = target_size(*image.shape[:2], image_resolution)
         detected = self.detector(resize_to_resolution(image, detect_resolution), **options)
         return resize_map(detected, height, width, self.map_interpolation)
 
