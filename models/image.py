@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Extreme panoramas would turn a 512 short side into a huge long side and stall the server; a clear
 # error beats minutes of work nobody asked for.
@@ -28,8 +28,9 @@ def load_rgb(path) -> np.ndarray:
                     f"image is {width}x{height} ({width * height / 1e6:.0f} MP); "
                     f"send at most {MAX_INPUT_PIXELS / 1e6:.0f} MP"
                 )
-            img.load()
-            return to_rgb(img)
+            # Phone photos are stored sideways with an EXIF orientation tag; the map must match
+            # the picture the user sees.
+            return to_rgb(ImageOps.exif_transpose(img))
     except InputImageError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as exc:

@@ -63,3 +63,11 @@ def test_resize_map_nearest_keeps_only_existing_values():
     resized = resize_map(labels, 100, 150, "nearest")
     assert resized.shape == (100, 150, 3)
     assert {tuple(c) for c in resized.reshape(-1, 3)} <= {tuple(c) for c in palette}
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    landscape = Image.new("RGB", (120, 60), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    landscape.save(tmp_path / "phone.jpg", exif=exif)
+    assert load_rgb(tmp_path / "phone.jpg").shape == (120, 60, 3)
