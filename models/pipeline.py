@@ -24,11 +24,8 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from models import default_device
 from models.image import resize_map, resize_to_resolution, target_size
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _variant(folder: Path) -> str | None:

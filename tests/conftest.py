@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["CONTROLNET_WEIGHTS"] = "tiny"
 
+import importlib
 import io
 
 import numpy as np
@@ -22,6 +23,10 @@ def tiny_weights():
     """`make test` writes them first; this keeps a bare `pytest` run working too."""
     weights.tiny.main([])
     return weights.root() / weights.TINY
+
+
+def predictor_class(condition):
+    return importlib.import_module(f"predictors.{condition}.predict").Predictor
 
 
 def drawing(width=400, height=300, mode="RGB") -> Image.Image:

@@ -10,12 +10,9 @@ from PIL import Image
 import weights
 from cog_base import ControlNetPredictor
 from models.image import resize_to_resolution
+from tests.conftest import predictor_class
 
 FAST = dict(ddim_steps=1, image_resolution="256", seed=3)
-
-
-def predictor_class(condition):
-    return importlib.import_module(f"predictors.{condition}.predict").Predictor
 
 
 @pytest.fixture(scope="module", params=weights.CONDITIONS)
@@ -55,8 +52,6 @@ def test_nearest_resized_maps_keep_only_detector_values(predictor, image_file):
 
 
 def test_scribble_thresholds_the_drawing_at_the_sample_size(image_file):
-    if "scribble" not in weights.CONDITIONS:
-        pytest.skip("no scribble")
     p = predictor_class("scribble")()
     p.setup()
     img = np.full((300, 400, 3), 255, np.uint8)

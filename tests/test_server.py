@@ -1,7 +1,6 @@
 """The real Cog HTTP server (`python -m cog.server.http`, the image's entry point), one per condition."""
 
 import base64
-import importlib
 import io
 
 import pytest
@@ -11,7 +10,7 @@ from PIL import Image
 import weights
 from cog_base.predictor import SHARED_INPUTS
 from scripts.cog_server import CogServer
-from tests.conftest import drawing, png_bytes
+from tests.conftest import drawing, png_bytes, predictor_class
 
 CONDITIONS = weights.CONDITIONS
 
@@ -23,10 +22,6 @@ def data_uri(raw: bytes, mime="image/png") -> str:
 def decode(uri: str) -> Image.Image:
     assert uri.startswith("data:image/png;base64,")
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
-
-
-def predictor_class(condition):
-    return importlib.import_module(f"predictors.{condition}.predict").Predictor
 
 
 @pytest.fixture(scope="session")

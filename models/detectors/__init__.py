@@ -10,9 +10,7 @@ from pathlib import Path
 
 import torch
 
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from models import default_device
 
 
 def require_files(folder: Path | None, files, condition: str) -> Path:
@@ -32,4 +30,4 @@ def load_transformers(folder: Path | None, model_class, processor_class, files, 
     folder = require_files(folder, files, condition)
     model = model_class.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     processor = processor_class.from_pretrained(folder, local_files_only=True)
-    return model.to(device()), processor
+    return model.to(default_device()), processor

@@ -10,7 +10,8 @@ import torch
 # (a few seconds and a burst of timm/mediapipe warnings, once per process).
 from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
 
-from models.detectors import device, require_files
+from models import default_device
+from models.detectors import require_files
 
 WEIGHTS_FILE = "ControlNetHED.pth"  # as named in lllyasviel/Annotators
 
@@ -36,7 +37,7 @@ class HedDetector:
         folder = require_files(folder, [WEIGHTS_FILE], "hed")
         # controlnet_aux's own loader reads a local folder without touching the network.
         detector = HEDdetector.from_pretrained(str(folder), filename=WEIGHTS_FILE)
-        return cls(detector.netNetwork.to(device()))
+        return cls(detector.netNetwork.to(default_device()))
 
     @classmethod
     def save_random(cls, folder: Path, seed: int = 0) -> None:

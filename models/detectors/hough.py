@@ -17,7 +17,8 @@ from controlnet_aux.mlsd import MLSDdetector
 from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
 from controlnet_aux.mlsd.utils import pred_lines
 
-from models.detectors import device, require_files
+from models import default_device
+from models.detectors import require_files
 from models.image import to_three_channels
 
 WEIGHTS_FILE = "mlsd_large_512_fp32.pth"  # as named in lllyasviel/Annotators
@@ -52,7 +53,7 @@ class HoughDetector:
         folder = require_files(folder, [WEIGHTS_FILE], "hough")
         # controlnet_aux's own loader reads a local folder without touching the network.
         model = MLSDdetector.from_pretrained(str(folder), filename=WEIGHTS_FILE).model
-        return cls(model.to(device()))
+        return cls(model.to(default_device()))
 
     @classmethod
     def save_random(cls, folder: Path, seed: int = 0) -> None:
