@@ -1,22 +1,23 @@
 """The public API every condition shares, kept apart from the inference code.
 
 Each condition's predictor is a small subclass that declares its detector and how the detector is
-run, and spells out a literal Cog signature (Cog's static schema parser needs literal `Input(...)`
-defaults). That signature calls `generate()`, a plain method that tests call with plain values
-(calling a Cog `predict()` directly passes FieldInfo objects as defaults).
+run, and spells out a literal Cog signature whose every default is an entry of `Inputs` (Cog's
+static schema parser needs literal `Input(...)` defaults; the registry holds them once). That
+signature calls `generate()`, a plain method that tests call with plain values (calling a Cog
+`predict()` directly passes FieldInfo objects as defaults).
 
 Inputs, defaults and semantics follow the jagilley/controlnet-* models so their clients switch
 without changes; the seed actually used is printed in the logs, which they never did.
+
+This module is imported by Cog's HTTP process only to read the schema, so it imports nothing heavy
+at module level: torch, diffusers and the detectors load in setup(), in the worker.
 """
 
 from __future__ import annotations
 
-import os
-
-# Serving never downloads: every weight comes from a local folder (see weights/).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+import importlib
 import inspect
+import os
 import secrets
 import shutil
 import tempfile
@@ -24,32 +25,29 @@ import time
 import uuid
 from typing import Any, ClassVar
 
-import torch
 from cog import BasePredictor, Path
-from PIL import Image
 
 import weights
-from models.image import InputImageError, load_rgb
-from models.pipeline import ControlNetRunner, load_pipeline
+from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS, Inputs
 
-A_PROMPT = "best quality, extremely detailed"
-N_PROMPT = (
-    "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, "
-    "cropped, worst quality, low quality"
-)
-# Every condition's predict() starts with these, in this order; then its `extra_inputs`.
-SHARED_INPUTS = (
-    "image", "prompt", "num_samples", "image_resolution", "ddim_steps", "scale", "seed", "eta", "a_prompt", "n_prompt",
-)
-NUM_SAMPLES = ("1", "4")
-IMAGE_RESOLUTIONS = ("256", "512", "768")
+# Serving never downloads: every weight comes from a local folder (see weights/).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+A_PROMPT = Inputs.a_prompt.default
+N_PROMPT = Inputs.n_prompt.default
+NUM_SAMPLES = tuple(Inputs.num_samples.json_schema_extra["enum"])
+IMAGE_RESOLUTIONS = tuple(Inputs.image_resolution.json_schema_extra["enum"])
+SCHEDULER_NAMES = tuple(Inputs.scheduler.json_schema_extra["enum"])
 MAX_SEED = 2**32 - 1
+# A parameter may take another registry entry than its own name's: hed's `image` is optional
+# because its clients may send `input_image` instead.
+ALIASES = {"image": ("image_or_input_image",)}
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> int:
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if str(value) not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-    return int(value)
+    return str(value)
 
 
 def _in_range(name: str, value, low, high):
@@ -58,49 +56,79 @@ def _in_range(name: str, value, low, high):
     return value
 
 
+def _registry_name(default: Any) -> str | None:
+    return next((name for name, value in vars(Inputs).items() if value is default), None)
+
+
 class ControlNetPredictor(BasePredictor):
     """Shared setup and generation. Subclasses declare what differs per condition:
 
     condition            the condition's one name (weights manifest, folder, image name)
-    detector_class       has `from_weights(folder_or_None)` returning `detector(rgb, **options) -> map`
+    detector             "module:Class" of a class with `from_weights(folder_or_None)` returning
+                         `detector(rgb, **options) -> map`; optionally `map_problem(map) -> str | None`
+                         to check an uploaded map (control_image_is_map)
     detect_at_resolution run the detector at `detect_resolution` (then resize the map to the
                          sample size with `map_interpolation`), or on the image already at the
                          sample size when False
-    extra_inputs         the inputs its predict() takes after SHARED_INPUTS, in order
+    map_interpolation    how a map is resized to the sample size ("nearest" keeps binary maps and
+                         palettes intact)
+
+    `extra_inputs` (the condition's own inputs) is read from the predict() signature.
     """
 
     condition: ClassVar[str]
-    detector_class: ClassVar[type]
+    detector: ClassVar[str]
     detect_at_resolution: ClassVar[bool] = True
     map_interpolation: ClassVar[str] = "bilinear"
     extra_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # The literal Cog signature and the declaration must not drift apart.
-        if "predict" in cls.__dict__:
-            params = list(inspect.signature(cls.predict).parameters)[1:]
-            expected = [*SHARED_INPUTS, *cls.extra_inputs]
-            if params != expected:
-                raise TypeError(f"{cls.__qualname__}.predict() must take {expected}, in order; it takes {params}")
+        if "predict" not in cls.__dict__:
+            return
+        # The literal Cog signature must take every input from the registry, in the shared order.
+        params = list(inspect.signature(cls.predict).parameters.values())[1:]
+        names = [p.name for p in params]
+        for param in params:
+            source = _registry_name(param.default)
+            if source != param.name and source not in ALIASES.get(param.name, ()):
+                raise TypeError(
+                    f"{cls.__qualname__}.predict(): {param.name} must default to Inputs.{param.name}"
+                    + (f", not Inputs.{source}" if source else " (define every Input in cog_base.inputs.Inputs)")
+                )
+        head, tail = names[: len(JAGILLEY_INPUTS)], names[len(names) - len(CONTROLS) :]
+        if head != list(JAGILLEY_INPUTS) or tail != list(CONTROLS):
+            raise TypeError(
+                f"{cls.__qualname__}.predict() must take {list(JAGILLEY_INPUTS)}, then its own inputs, then "
+                f"{list(CONTROLS)}; it takes {names}"
+            )
+        cls.extra_inputs = tuple(names[len(JAGILLEY_INPUTS) : len(names) - len(CONTROLS)])
+
+    @classmethod
+    def detector_class(cls) -> type:
+        module, _, name = cls.detector.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def setup(self) -> None:
         start = time.perf_counter()
+        from models.pipeline import ControlNetRunner, load_pipeline  # torch and diffusers: worker only
+
         self.weights = weights.locate(self.condition)
         if self.weights.tiny:
             print(self.tiny_warning(), flush=True)
         pipe = load_pipeline(self.weights.base, self.weights.controlnet)
-        detector = self.detector_class.from_weights(self.weights.detector)
         self.runner = ControlNetRunner(
             pipe,
-            detector,
+            self.detector_class().from_weights(self.weights.detector),
             detect_at_resolution=self.detect_at_resolution,
             map_interpolation=self.map_interpolation,
         )
         self._output_dir: str | None = None
+        # Component names, not paths: setup logs reach clients through /health-check.
+        served = ", ".join(folder.name for folder in self.weights.folders.values())
         print(
             f"{self.condition}: ready on {pipe.device} in {time.perf_counter() - start:.1f}s "
-            f"with weights from {self.weights.base.parent}",
+            f"({'tiny' if self.weights.tiny else 'real'} weights: {served})",
             flush=True,
         )
 
@@ -116,10 +144,10 @@ class ControlNetPredictor(BasePredictor):
 
     def generate(
         self,
-        image,
-        prompt: str,
-        num_samples: int | str = 1,
-        image_resolution: int | str = 512,
+        image=None,
+        prompt: str = "",
+        num_samples: int | str = "1",
+        image_resolution: int | str = "512",
         ddim_steps: int = 20,
         scale: float = 9.0,
         seed: int | None = None,
@@ -127,17 +155,50 @@ class ControlNetPredictor(BasePredictor):
         a_prompt: str = A_PROMPT,
         n_prompt: str = N_PROMPT,
         detect_resolution: int = 512,
+        input_image=None,
+        controlnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        scheduler: str = "DDIM",
+        control_image_is_map: bool = False,
+        return_control_map: bool = True,
+        preprocess_only: bool = False,
+        width: int = 0,
+        height: int = 0,
         **detector_options,
     ) -> list[Path]:
-        """Control map first, then the samples, as PNG files."""
-        num_samples = _choice("num_samples", num_samples, NUM_SAMPLES)
-        image_resolution = _choice("image_resolution", image_resolution, IMAGE_RESOLUTIONS)
+        """The control map first (unless return_control_map is off), then the samples, as PNG files."""
+        from models.image import InputImageError, apply_crop, load_rgb, plan_size
+        from models.pipeline import Request
+
+        if (image is None) == (input_image is None):
+            raise ValueError("send the image as exactly one of `image` or `input_image`" if image is not None
+                             else "image is required: send it as `image` (a URL or data: URI)")
+        image = image if image is not None else input_image
+        num_samples = int(_choice("num_samples", num_samples, NUM_SAMPLES))
+        image_resolution = int(_choice("image_resolution", image_resolution, IMAGE_RESOLUTIONS))
+        scheduler = _choice("scheduler", scheduler, SCHEDULER_NAMES)
         _in_range("ddim_steps", ddim_steps, 1, 100)
         _in_range("scale", scale, 0.1, 30.0)
         _in_range("eta", eta, 0.0, 1.0)
         _in_range("detect_resolution", detect_resolution, 128, 1024)
-        if seed is None or seed < 0:  # -1 meant "random" in the ControlNet demos
-            seed = secrets.randbelow(MAX_SEED + 1)
+        _in_range("controlnet_conditioning_scale", controlnet_conditioning_scale, 0.0, 2.0)
+        _in_range("control_guidance_start", control_guidance_start, 0.0, 1.0)
+        _in_range("control_guidance_end", control_guidance_end, 0.0, 1.0)
+        if control_guidance_start >= control_guidance_end:
+            raise ValueError(
+                f"control_guidance_start ({control_guidance_start}) must be below control_guidance_end "
+                f"({control_guidance_end})"
+            )
+        _in_range("width", width, 0, 2048)
+        _in_range("height", height, 0, 2048)
+        if preprocess_only and not return_control_map:
+            raise ValueError("preprocess_only returns only the control map: leave return_control_map on")
+        # The originals drew a random seed for any falsy seed (`if not seed`), and -1 meant random
+        # in the ControlNet demos.
+        if not seed or seed < 0:
+            seed = secrets.randbelow(MAX_SEED) + 1
         _in_range("seed", seed, 0, MAX_SEED)
         if not prompt or not str(prompt).strip():
             raise ValueError("prompt must not be empty")
@@ -145,44 +206,100 @@ class ControlNetPredictor(BasePredictor):
         if self.weights.tiny:
             print(self.tiny_warning())
         print(f"Using seed: {seed}", flush=True)
+        timings: dict[str, float] = {}
         try:
+            start = time.perf_counter()
             rgb = load_rgb(image)
-            result = self.runner(
-                rgb,
-                prompt=f"{prompt}, {a_prompt}" if a_prompt else prompt,
-                negative_prompt=n_prompt,
-                num_samples=num_samples,
-                image_resolution=image_resolution,
-                steps=ddim_steps,
-                guidance_scale=scale,
-                eta=eta,
-                seed=seed,
-                detect_resolution=detect_resolution,
-                **detector_options,
+            timings["decode input"] = time.perf_counter() - start
+            plan = plan_size(*rgb.shape[:2], image_resolution, width, height)
+            out_h, out_w = plan.output
+            gen_h, gen_w = plan.generate
+            what = "control map only" if preprocess_only else f"{num_samples} sample(s), {scheduler}, {ddim_steps} steps"
+            print(
+                f"Input {rgb.shape[1]}x{rgb.shape[0]} -> {gen_w}x{gen_h}"
+                + (f", returned at {out_w}x{out_h}" if plan.output != plan.generate else "")
+                + (" (centre-cropped to that aspect)" if plan.crop else "")
+                + f"; {what}",
+                flush=True,
             )
+            rgb = apply_crop(rgb, plan)
+            start = time.perf_counter()
+            control = self._control_map(rgb, plan.generate, control_image_is_map, detect_resolution, detector_options)
+            timings["detect"] = time.perf_counter() - start
+            samples = []
+            if not preprocess_only:
+                result = self.runner.generate(control, Request(
+                    prompt=f"{prompt}, {a_prompt}" if a_prompt else prompt,
+                    negative_prompt=n_prompt,
+                    num_samples=num_samples,
+                    steps=ddim_steps,
+                    guidance_scale=scale,
+                    eta=eta,
+                    seed=seed,
+                    scheduler=scheduler,
+                    conditioning_scale=controlnet_conditioning_scale,
+                    guess_mode=guess_mode,
+                    guidance_start=control_guidance_start,
+                    guidance_end=control_guidance_end,
+                ))
+                timings.update(result.timings)
+                samples = [_resize_exact(img, out_w, out_h) for img in result.samples]
         except InputImageError as exc:
             raise ValueError(str(exc)) from None
-        except torch.OutOfMemoryError:
+        except Exception as exc:
+            if type(exc).__name__ != "OutOfMemoryError":
+                raise
+            import torch
+
             torch.cuda.empty_cache()  # leave the server usable for the next, smaller request
             raise RuntimeError(
-                f"out of GPU memory for {num_samples} sample(s) at image_resolution {image_resolution}; "
+                f"out of GPU memory for {num_samples} sample(s) at {gen_w}x{gen_h}; "
                 "ask for fewer samples or a lower resolution"
             ) from None
-        height, width = result.control_map.shape[:2]
-        print(f"Generated {num_samples} sample(s) at {width}x{height} in {result.seconds:.2f}s", flush=True)
-        return self._save([Image.fromarray(result.control_map), *result.samples])
+        from PIL import Image
 
-    def _save(self, images: list[Image.Image]) -> list[Path]:
+        start = time.perf_counter()
+        images = ([Image.fromarray(control)] if return_control_map else []) + samples
+        paths = self._save(images, with_map=return_control_map)
+        timings["PNG encode"] = time.perf_counter() - start
+        print(
+            "Timings: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in timings.items())
+            + f"; total {sum(timings.values()):.2f}s",
+            flush=True,
+        )
+        return paths
+
+    def _control_map(self, rgb, size, is_map: bool, detect_resolution: int, options: dict):
+        if not is_map:
+            return self.runner.control_map(rgb, size, detect_resolution, **options)
+        check = getattr(self.runner.detector, "map_problem", None)
+        problem = check(rgb) if check else None
+        if problem:
+            raise ValueError(
+                f"control_image_is_map is on, but {problem}. Send a {self.condition} map, or turn "
+                "control_image_is_map off to run the detector on a photo"
+            )
+        return self.runner.fit_map(rgb, size)
+
+    def _save(self, images, with_map: bool = True) -> list[Path]:
         # Cog reads the files after predict returns, so they live until the next prediction;
         # unique names because --upload-url PUTs them by basename.
         if self._output_dir:
             shutil.rmtree(self._output_dir, ignore_errors=True)
         self._output_dir = tempfile.mkdtemp(prefix=f"controlnet-{self.condition}-")
         tag = uuid.uuid4().hex[:8]
-        names = ["control"] + [f"sample-{i}" for i in range(1, len(images))]
+        names = (["control"] if with_map else []) + [f"sample-{i}" for i in range(1, len(images) + 1)]
         paths = []
         for name, img in zip(names, images):
             path = Path(self._output_dir) / f"{tag}-{name}.png"
             img.save(path)
             paths.append(path)
         return paths
+
+
+def _resize_exact(img, width: int, height: int):
+    if img.size == (width, height):
+        return img
+    from PIL import Image
+
+    return img.resize((width, height), Image.Resampling.LANCZOS)

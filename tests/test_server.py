@@ -8,7 +8,7 @@ import requests
 from PIL import Image
 
 import weights
-from cog_base.predictor import SHARED_INPUTS
+from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS
 from scripts.cog_server import CogServer
 from tests.conftest import drawing, png_bytes, predictor_class
 
@@ -50,6 +50,11 @@ def schema_inputs(server):
     return schema, schema["components"]["schemas"]["Input"]
 
 
+def same_but_order(a: dict, b: dict) -> bool:
+    """x-order is the position in the signature, which the condition's own inputs shift."""
+    return {k: v for k, v in a.items() if k != "x-order"} == {k: v for k, v in b.items() if k != "x-order"}
+
+
 GOOD = {"prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 7}
 
 
@@ -61,8 +66,10 @@ def test_health_check_is_ready_and_start_up_says_tiny_weights(server):
 def test_schema_has_the_shared_inputs_then_the_declared_extras(server):
     schema, inputs = schema_inputs(server)
     props = inputs["properties"]
-    assert list(props) == [*SHARED_INPUTS, *predictor_class(server.condition).extra_inputs]
-    assert sorted(inputs["required"]) == ["image", "prompt"]
+    assert list(props) == [*JAGILLEY_INPUTS, *predictor_class(server.condition).extra_inputs, *CONTROLS]
+    # hed also takes `input_image` (jagilley's published hed name), so its `image` is optional.
+    required = ["prompt"] if "input_image" in props else ["image", "prompt"]
+    assert sorted(inputs.get("required", [])) == required
     assert props["image"]["format"] == "uri"
     assert props["ddim_steps"]["default"] == 20 and props["ddim_steps"]["minimum"] == 1
     assert props["scale"]["default"] == 9.0
@@ -73,18 +80,51 @@ def test_schema_has_the_shared_inputs_then_the_declared_extras(server):
     assert schema["components"]["schemas"]["Output"]["type"] == "array"
 
 
-def test_shared_inputs_are_identical_in_all_six_schemas(servers):
+def test_shared_inputs_are_identical_in_every_schema(servers):
     schemas = {c: schema_inputs(s) for c, s in servers.items()}
     reference_schema, reference = schemas["canny"]
     for condition, (schema, inputs) in schemas.items():
-        for name in SHARED_INPUTS:
-            assert inputs["properties"][name] == reference["properties"][name], (condition, name)
-        for enum in ("num_samples", "image_resolution"):
+        for name in [*JAGILLEY_INPUTS, *CONTROLS]:
+            if name == "image" and "input_image" in inputs["properties"]:
+                continue  # hed's optional image, checked below
+            assert same_but_order(inputs["properties"][name], reference["properties"][name]), (condition, name)
+        for enum in ("num_samples", "image_resolution", "scheduler"):
             assert schema["components"]["schemas"][enum] == reference_schema["components"]["schemas"][enum]
     detecting = [inputs["properties"]["detect_resolution"] for _, inputs in schemas.values()
                  if "detect_resolution" in inputs["properties"]]
     assert len(detecting) >= 1 and all(d == detecting[0] for d in detecting)
     assert detecting[0]["default"] == 512 and (detecting[0]["minimum"], detecting[0]["maximum"]) == (128, 1024)
+
+
+def test_new_controls_default_to_the_jagilley_behaviour(servers):
+    props = schema_inputs(servers["canny"])[1]["properties"]
+    defaults = {name: props[name].get("default") for name in CONTROLS}
+    assert defaults == {
+        "controlnet_conditioning_scale": 1.0, "guess_mode": False, "control_guidance_start": 0.0,
+        "control_guidance_end": 1.0, "scheduler": "DDIM", "control_image_is_map": False,
+        "return_control_map": True, "preprocess_only": False, "width": 0, "height": 0,
+    }
+
+
+def test_hed_takes_input_image_as_its_published_clients_send_it(servers):
+    if "hed" not in servers:
+        pytest.skip("no hed condition")
+    server = servers["hed"]
+    uri = data_uri(png_bytes(drawing()))
+    body = server.predict({"input_image": uri, **GOOD}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert [decode(u).size for u in body["output"]] == [(320, 256), (320, 256)]
+    both = server.predict({"input_image": uri, "image": uri, **GOOD}).json()
+    assert both["status"] == "failed" and "exactly one of `image` or `input_image`" in both["error"]
+    neither = server.predict(GOOD).json()
+    assert neither["status"] == "failed" and "image is required" in neither["error"]
+
+
+def test_preprocess_only_over_http_returns_the_map_alone(servers):
+    body = servers["canny"].predict({"image": data_uri(png_bytes(drawing())), **GOOD, "preprocess_only": True}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert len(body["output"]) == 1 and decode(body["output"][0]).size == (320, 256)
+    assert "step 1/" not in body["logs"]
 
 
 def test_canny_extras_keep_the_jagilley_defaults(servers):
@@ -123,6 +163,11 @@ def test_four_samples_over_http(servers):
         {"seed": -2},
         {"image": "not a url"},
         {"prompt": None},
+        {"controlnet_conditioning_scale": 2.5},
+        {"control_guidance_end": 1.5},
+        {"scheduler": "PLMS"},
+        {"width": 4096},
+        {"guess_mode": "maybe"},
     ],
 )
 def test_bad_input_gets_422(server, bad):
