@@ -14,7 +14,7 @@ help:
 	@echo "make weights COND=canny             download the real weights (needs internet)"
 	@echo "make tiny-weights                   write tiny random-weight models (offline, for tests)"
 	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
-	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42')"
+	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42 -i num_samples=4')"
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
 
 quickstart: tiny-weights

@@ -212,3 +212,21 @@ def test_undecodable_image_fails_with_a_message_and_the_server_survives(server):
     assert "could not be decoded" in body["error"]
     ok = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD})
     assert ok.json()["status"] == "succeeded"
+
+
+def test_make_predict_types_inputs_by_the_served_schema(servers, tmp_path, capsys):
+    from scripts.predict import main
+
+    drawing().save(tmp_path / "in.png")
+    url = servers["canny"].url
+    main(["--url", url, "--out", str(tmp_path / "out"), "-i", f"image=@{tmp_path / 'in.png'}", "-i", "prompt=a house",
+          "-i", "num_samples=4", "-i", "image_resolution=256", "-i", "ddim_steps=1", "-i", "guess_mode=true",
+          "-i", "scale=4.5"])
+    written = sorted(p.name.split("-", 2)[-1] for p in (tmp_path / "out").iterdir())
+    assert len(written) == 5 and written[0].endswith("control.png")
+    with pytest.raises(SystemExit, match="no input 'steps'; it takes: image, prompt"):
+        main(["--url", url, "-i", f"image=@{tmp_path / 'in.png'}", "-i", "steps=3"])
+    with pytest.raises(SystemExit, match="expected integer for ddim_steps"):
+        main(["--url", url, "-i", f"image=@{tmp_path / 'in.png'}", "-i", "ddim_steps=many"])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["--url", url, "-i", "image=@/nonexistent.png", "-i", "prompt=x"])
