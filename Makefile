@@ -6,7 +6,7 @@ PROMPT ?= a cozy cottage with a red roof, photorealistic, golden hour
 ARGS ?=
 PY := .venv/bin/python
 
-.PHONY: help quickstart test install tiny-weights weights serve predict image clean
+.PHONY: help quickstart test install tiny-weights weights serve predict image clean soak fuzz
 
 help:
 	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
@@ -16,6 +16,8 @@ help:
 	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
 	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42 -i num_samples=4')"
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
+	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
+	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of a real server (the suite runs a short one)"
 
 quickstart: tiny-weights
 	$(PY) -m scripts.quickstart --cond $(COND)
@@ -41,6 +43,14 @@ predict: install
 # Stdlib only: building an image needs no virtualenv here.
 image:
 	python3 -m scripts.build_image $(COND)
+
+N ?= 1000
+soak: tiny-weights
+	$(PY) -m scripts.soak -n $(N) --cond $(COND)
+
+EXAMPLES ?= 500
+fuzz: tiny-weights
+	FUZZ_EXAMPLES=$(EXAMPLES) FUZZ_CONDITIONS=$(COND) $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
 
 clean:
 	rm -rf build outputs .pytest_cache

@@ -150,6 +150,7 @@ class ControlNetPredictor(BasePredictor):
             map_interpolation=self.map_interpolation,
         )
         self._output_dir: str | None = None
+        _remove_outputs_on_sigterm(self)
         # Component names, not paths: setup logs reach clients through /health-check.
         served = ", ".join(
             f"{role}: {'COG_WEIGHTS' if custom and role == self.cog_weights else folder.name}"
@@ -363,6 +364,23 @@ class ControlNetPredictor(BasePredictor):
             img.save(path)
             paths.append(path)
         return paths
+
+
+def _remove_outputs_on_sigterm(predictor) -> None:
+    """Cog stops its prediction worker with SIGTERM, which skips atexit: remove the last outputs first.
+    Only in such a worker (a multiprocessing child); a test process keeps its own signal handling."""
+    import multiprocessing
+    import signal
+
+    if multiprocessing.parent_process() is None:
+        return
+
+    def handler(signum, frame):
+        if predictor._output_dir:
+            shutil.rmtree(predictor._output_dir, ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def asset_settings() -> dict:
