@@ -159,6 +159,20 @@ def test_shutdown_is_refused_where_the_policy_says_so(special):
     assert main.health() == "READY"
 
 
+@pytest.mark.parametrize("policy, client, allowed", [
+    ("loopback", "127.0.0.1", True), ("loopback", "::1", True), ("loopback", "::ffff:127.0.0.1", True),
+    ("loopback", "172.17.0.1", False), ("loopback", "10.1.2.3", False), ("loopback", None, False),
+    ("none", "127.0.0.1", False), ("any", "203.0.113.9", True),
+])
+def test_who_may_call_shutdown(monkeypatch, policy, client, allowed):
+    """The policy behind the 403 above, for the addresses a real server sees: loopback from `make serve`,
+    the Docker bridge from a published port, anything from a cluster network."""
+    from cog_base import serving
+
+    monkeypatch.setenv("CONTROLNET_SHUTDOWN_FROM", policy)
+    assert serving._shutdown_allowed({"client": (client, 5000) if client else None}) is allowed
+
+
 # -- async predictions, webhooks, cancel, PUT, 409 ------------------------------------------------
 
 def test_async_prediction_sends_its_events_in_order_with_progress_while_it_runs(servers, receiver):
@@ -300,7 +314,7 @@ STOP_TRIALS = int(os.environ.get("STOP_TRIALS", "1"))
 @pytest.mark.parametrize("trial", range(STOP_TRIALS))
 @pytest.mark.parametrize("how, when", [
     ("SIGTERM to the group", "idle"), ("SIGTERM to the group", "busy"), ("SIGTERM to the group", "starting"),
-    ("SIGINT to the server", "busy"), ("SIGTERM to the server", "idle"),
+    ("SIGINT to the server", "busy"), ("SIGINT to the group", "busy"), ("SIGTERM to the server", "idle"),
 ])
 def test_a_stop_signal_ends_the_server_within_10_s_and_frees_its_port(tmp_path, how, when, trial):
     server = CogServer("canny", log_path=tmp_path / "server.log")
