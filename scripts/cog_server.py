@@ -22,8 +22,12 @@ def free_port() -> int:
 
 
 class CogServer:
-    def __init__(self, condition: str, port: int | None = None, log_path: Path | None = None, env: dict | None = None):
+    def __init__(
+        self, condition: str, port: int | None = None, log_path: Path | None = None, env: dict | None = None,
+        mode: str = "predict", weights: str = "",
+    ):
         self.condition = condition
+        self.mode, self.weights = mode, weights
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path or ROOT / "outputs" / f"server-{condition}-{self.port}.log")
@@ -50,7 +54,8 @@ class CogServer:
         with open(self.log_path, "wb") as log:
             # A session of its own, so stop() also reaches the prediction worker it spawns.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "scripts.serve", self.condition, "--port", str(self.port)],
+                [sys.executable, "-m", "scripts.serve", self.condition, "--port", str(self.port), "--mode", self.mode,
+                 "--weights", self.weights],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -77,6 +82,9 @@ class CogServer:
 
     def predict(self, inputs: dict, timeout: float = 600) -> requests.Response:
         return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+
+    def train(self, inputs: dict, timeout: float = 24 * 3600) -> requests.Response:
+        return requests.post(f"{self.url}/trainings", json={"input": inputs}, timeout=timeout)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

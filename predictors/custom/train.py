@@ -38,7 +38,7 @@ def train(
         "(columns file_name,text)"
     ),
     max_train_steps: int = Input(description="Optimizer steps", default=1000, ge=0, le=200000),
-    learning_rate: float = Input(description="AdamW learning rate (constant)", default=1e-5, gt=0.0, le=1e-2),
+    learning_rate: float = Input(description="AdamW learning rate (constant)", default=1e-5, ge=1e-8, le=1e-2),
     train_batch_size: int = Input(description="Pairs per micro-batch", default=4, ge=1, le=64),
     resolution: int = Input(
         description="Training size in pixels (a multiple of 64): every pair is resized (short side) and "
