@@ -86,6 +86,22 @@ class Inputs:
         description="Exact output height in pixels (0 = from image_resolution)", default=0, ge=0, le=2048
     )
 
+    # -- your own style, per request -------------------------------------------------------------
+    # Strings, not files: the server fetches them into its own bounded cache (Cog would re-download
+    # a file input on every request, with no size bound).
+    lora_url = Input(
+        description="An SD 1.5 LoRA .safetensors (diffusers/PEFT or kohya format) as an http(s) URL or data: URI; "
+        "cached by URL",
+        default="",
+    )
+    lora_scale = Input(description="How strongly the LoRA applies (0 = not at all)", default=1.0, ge=0.0, le=2.0)
+    embedding_url = Input(
+        description="A textual-inversion embedding .safetensors as an http(s) URL or data: URI", default=""
+    )
+    embedding_token = Input(
+        description="The token the prompt uses for the embedding, e.g. <my-style>", default=""
+    )
+
 
 # The order every signature follows: these first, then the condition's detector options, then CONTROLS.
 JAGILLEY_INPUTS = (
@@ -94,4 +110,5 @@ JAGILLEY_INPUTS = (
 CONTROLS = (
     "controlnet_conditioning_scale", "guess_mode", "control_guidance_start", "control_guidance_end", "scheduler",
     "control_image_is_map", "return_control_map", "preprocess_only", "width", "height",
+    "lora_url", "lora_scale", "embedding_url", "embedding_token",
 )

@@ -72,6 +72,8 @@ class ControlNetPredictor(BasePredictor):
                          sample size when False
     map_interpolation    how a map is resized to the sample size ("nearest" keeps binary maps and
                          palettes intact)
+    cog_weights          what COG_WEIGHTS replaces: "base" (a fine-tuned SD 1.5 checkpoint) or
+                         "controlnet" (a trained ControlNet)
 
     `extra_inputs` (the condition's own inputs) is read from the predict() signature.
     """
@@ -81,6 +83,7 @@ class ControlNetPredictor(BasePredictor):
     detect_at_resolution: ClassVar[bool] = True
     map_interpolation: ClassVar[str] = "bilinear"
     extra_inputs: ClassVar[tuple[str, ...]] = ()
+    cog_weights: ClassVar[str] = "base"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -109,14 +112,28 @@ class ControlNetPredictor(BasePredictor):
         module, _, name = cls.detector.partition(":")
         return getattr(importlib.import_module(module), name)
 
+    # No `weights` parameter: given one, Cog 0.16.12 passes Path("weights") whenever a `weights` entry
+    # sits in the working directory (our package always does) and reads a COG_WEIGHTS URL whole into
+    # memory. COG_WEIGHTS is read here instead, and fetched to disk with bounds.
     def setup(self) -> None:
         start = time.perf_counter()
+        from models.assets import AssetCache, fetch_weights
         from models.pipeline import ControlNetRunner, load_pipeline  # torch and diffusers: worker only
+        from models.style import StyleAssets
 
         self.weights = weights.locate(self.condition)
         if self.weights.tiny:
             print(self.tiny_warning(), flush=True)
-        pipe = load_pipeline(self.weights.base, self.weights.controlnet)
+        self.assets = AssetCache(**asset_settings())
+        folders = {"base_override": None, "controlnet_dir": self.weights.controlnet}
+        custom = os.environ.get("COG_WEIGHTS", "").strip()
+        if custom:
+            key = {"base": "base_override", "controlnet": "controlnet_dir"}[self.cog_weights]
+            folders[key] = fetch_weights(custom, self.assets)
+            # The name, never a server path: setup logs reach clients through /health-check.
+            print(f"{self.condition}: {self.cog_weights} from COG_WEIGHTS ({_display(custom)})", flush=True)
+        pipe = load_pipeline(self.weights.base, folders["controlnet_dir"], base_override=folders["base_override"])
+        self.styles = StyleAssets(pipe)
         self.runner = ControlNetRunner(
             pipe,
             self.detector_class().from_weights(self.weights.detector),
@@ -125,7 +142,10 @@ class ControlNetPredictor(BasePredictor):
         )
         self._output_dir: str | None = None
         # Component names, not paths: setup logs reach clients through /health-check.
-        served = ", ".join(folder.name for folder in self.weights.folders.values())
+        served = ", ".join(
+            f"{role}: {'COG_WEIGHTS' if custom and role == self.cog_weights else folder.name}"
+            for role, folder in self.weights.folders.items()
+        )
         print(
             f"{self.condition}: ready on {pipe.device} in {time.perf_counter() - start:.1f}s "
             f"({'tiny' if self.weights.tiny else 'real'} weights: {served})",
@@ -166,9 +186,14 @@ class ControlNetPredictor(BasePredictor):
         preprocess_only: bool = False,
         width: int = 0,
         height: int = 0,
+        lora_url: str = "",
+        lora_scale: float = 1.0,
+        embedding_url: str = "",
+        embedding_token: str = "",
         **detector_options,
     ) -> list[Path]:
         """The control map first (unless return_control_map is off), then the samples, as PNG files."""
+        from models.assets import AssetError
         from models.image import InputImageError, apply_crop, load_rgb, plan_size
         from models.pipeline import Request
 
@@ -202,12 +227,25 @@ class ControlNetPredictor(BasePredictor):
         _in_range("seed", seed, 0, MAX_SEED)
         if not prompt or not str(prompt).strip():
             raise ValueError("prompt must not be empty")
+        _in_range("lora_scale", lora_scale, 0.0, 2.0)
+        embedding_token = (embedding_token or "").strip()
+        if bool(embedding_url) != bool(embedding_token):
+            raise ValueError("embedding_url and embedding_token go together: send both, or neither")
+        if embedding_token and (any(c.isspace() for c in embedding_token) or embedding_token.lower() in ("<|startoftext|>", "<|endoftext|>")):
+            raise ValueError(f"embedding_token must be one word without spaces, e.g. <my-style>, not {embedding_token!r}")
 
         if self.weights.tiny:
             print(self.tiny_warning())
         print(f"Using seed: {seed}", flush=True)
         timings: dict[str, float] = {}
         try:
+            start = time.perf_counter()
+            lora = self.assets.fetch(lora_url, "lora_url") if lora_url and not preprocess_only else None
+            embedding = self.assets.fetch(embedding_url, "embedding_url") if embedding_url and not preprocess_only else None
+            if embedding and embedding_token not in prompt:
+                print(f"Note: the prompt does not use embedding_token {embedding_token!r}, so the embedding has no effect")
+            if lora or embedding:
+                timings["fetch assets"] = time.perf_counter() - start
             start = time.perf_counter()
             rgb = load_rgb(image)
             timings["decode input"] = time.perf_counter() - start
@@ -228,7 +266,7 @@ class ControlNetPredictor(BasePredictor):
             timings["detect"] = time.perf_counter() - start
             samples = []
             if not preprocess_only:
-                result = self.runner.generate(control, Request(
+                request = Request(
                     prompt=f"{prompt}, {a_prompt}" if a_prompt else prompt,
                     negative_prompt=n_prompt,
                     num_samples=num_samples,
@@ -241,10 +279,15 @@ class ControlNetPredictor(BasePredictor):
                     guess_mode=guess_mode,
                     guidance_start=control_guidance_start,
                     guidance_end=control_guidance_end,
-                ))
+                )
+                start = time.perf_counter()
+                with self.styles.applied(lora, lora_url or None, lora_scale, embedding, embedding_token):
+                    if lora or embedding:
+                        timings["load LoRA/embedding"] = time.perf_counter() - start
+                    result = self.runner.generate(control, request)
                 timings.update(result.timings)
                 samples = [_resize_exact(img, out_w, out_h) for img in result.samples]
-        except InputImageError as exc:
+        except (InputImageError, AssetError) as exc:
             raise ValueError(str(exc)) from None
         except Exception as exc:
             if type(exc).__name__ != "OutOfMemoryError":
@@ -295,6 +338,25 @@ class ControlNetPredictor(BasePredictor):
             img.save(path)
             paths.append(path)
         return paths
+
+
+def asset_settings() -> dict:
+    """The request-asset cache's place and bounds; the environment overrides each."""
+    env = os.environ.get
+    return dict(
+        root=env("CONTROLNET_ASSET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "controlnet-cog", "assets"),
+        max_bytes=int(float(env("CONTROLNET_ASSET_CACHE_MB", "4096")) * 2**20),
+        max_file_bytes=int(float(env("CONTROLNET_ASSET_MAX_MB", "1024")) * 2**20),
+        timeout_s=float(env("CONTROLNET_ASSET_TIMEOUT_S", "120")),
+    )
+
+
+def _display(source: str) -> str:
+    """What the logs may say about a weights source: its last path segment (a local path's folders
+    and a URL's query, which may hold a token, stay out)."""
+    if source.startswith("data:"):
+        return "a data: URI"
+    return source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "?"
 
 
 def _resize_exact(img, width: int, height: int):

@@ -35,7 +35,67 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if any(folder.glob("*.fp16.safetensors")) else None
 
 
-def load_pipeline(base_dir: Path, controlnet_dir: Path, device: str | None = None) -> StableDiffusionControlNetPipeline:
+class BaseWeightsError(ValueError):
+    """A fine-tuned base that cannot be used; the message says what to provide."""
+
+
+def _base_components(base_dir: Path, override: Path | None, dtype, load) -> dict:
+    """SD 1.5's UNet, VAE and text encoder: the stock ones, or those of a fine-tuned checkpoint.
+
+    A fine-tuned diffusers folder may omit what it did not change (its tokenizer, say); a single-file
+    checkpoint is converted by diffusers with the stock folder's configs, so nothing is fetched."""
+    stock = {
+        "unet": lambda: load(UNet2DConditionModel, base_dir / "unet"),
+        "vae": lambda: load(AutoencoderKL, base_dir / "vae"),
+        "text_encoder": lambda: load(CLIPTextModel, base_dir / "text_encoder"),
+    }
+    if override is None:
+        return {name: make() for name, make in stock.items()}
+    if override.is_dir():
+        if not (override / "unet" / "config.json").is_file():
+            raise BaseWeightsError(
+                "the fine-tuned base folder has no unet/config.json; send a diffusers folder (unet/, vae/, "
+                "text_encoder/) or a single-file SD 1.5 .safetensors checkpoint"
+            )
+        classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+        return {
+            name: load(classes[name], override / name) if (override / name / "config.json").is_file() else make()
+            for name, make in stock.items()
+        }
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(override), "pt"):
+            pass
+    except Exception:
+        raise BaseWeightsError(
+            "the fine-tuned base is not a .safetensors file; send a single-file SD 1.5 .safetensors checkpoint "
+            "or a diffusers folder (pickled .ckpt files are refused: they can run code)"
+        ) from None
+    try:
+        single = StableDiffusionPipeline.from_single_file(
+            str(override), config=str(base_dir), local_files_only=True, torch_dtype=dtype,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except Exception as exc:
+        raise BaseWeightsError(
+            f"the fine-tuned base could not be read as an SD 1.5 checkpoint ({type(exc).__name__}); "
+            "send an SD 1.5 (not SDXL / SD 2) .safetensors checkpoint"
+        ) from None
+    return {"unet": single.unet, "vae": single.vae, "text_encoder": single.text_encoder}
+
+
+def _tokenizer_dir(base_dir: Path, override: Path | None) -> Path:
+    """A fine-tuned folder's own tokenizer when it has one (DreamBooth runs may add tokens)."""
+    if override is not None and (Path(override) / "tokenizer" / "vocab.json").is_file():
+        return Path(override) / "tokenizer"
+    return base_dir / "tokenizer"
+
+
+def load_pipeline(
+    base_dir: Path, controlnet_dir: Path, device: str | None = None, base_override: Path | None = None
+) -> StableDiffusionControlNetPipeline:
     device = device or default_device()
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base_dir, controlnet_dir = Path(base_dir), Path(controlnet_dir)
@@ -45,11 +105,10 @@ def load_pipeline(base_dir: Path, controlnet_dir: Path, device: str | None = Non
             folder, torch_dtype=dtype, variant=_variant(folder), local_files_only=True, **kwargs
         )
 
+    base = _base_components(base_dir, Path(base_override) if base_override else None, dtype, load)
     pipe = StableDiffusionControlNetPipeline(
-        vae=load(AutoencoderKL, base_dir / "vae"),
-        text_encoder=load(CLIPTextModel, base_dir / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(base_dir / "tokenizer", local_files_only=True),
-        unet=load(UNet2DConditionModel, base_dir / "unet"),
+        **base,
+        tokenizer=CLIPTokenizer.from_pretrained(_tokenizer_dir(base_dir, base_override), local_files_only=True),
         controlnet=load(ControlNetModel, controlnet_dir),
         # SD 1.5 ships a PNDM config; its betas, steps_offset=1 and set_alpha_to_one=False give
         # the same DDIM timesteps as ldm's sampler that ControlNet 1.0 used.

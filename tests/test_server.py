@@ -230,3 +230,26 @@ def test_make_predict_types_inputs_by_the_served_schema(servers, tmp_path, capsy
         main(["--url", url, "-i", f"image=@{tmp_path / 'in.png'}", "-i", "ddim_steps=many"])
     with pytest.raises(SystemExit, match="no such file"):
         main(["--url", url, "-i", "image=@/nonexistent.png", "-i", "prompt=x"])
+
+
+def test_a_lora_by_data_uri_through_the_server(servers):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save
+
+    unet = UNet2DConditionModel.from_pretrained(weights.locate("canny").base / "unet", variant="fp16")
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, layer in unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn1.to_v")):
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g)
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g)
+    uri = "data:application/octet-stream;base64," + base64.b64encode(save(state)).decode()
+    image = data_uri(png_bytes(drawing()))
+    plain = servers["canny"].predict({"image": image, **GOOD}).json()
+    styled = servers["canny"].predict({"image": image, **GOOD, "lora_url": uri, "lora_scale": 2.0}).json()
+    assert styled["status"] == "succeeded", styled.get("error")
+    assert "load LoRA/embedding" in styled["logs"]
+    assert styled["output"][1] != plain["output"][1] and styled["output"][0] == plain["output"][0]
+    bad = servers["canny"].predict({"image": image, **GOOD, "lora_url": data_uri(b"not safetensors")}).json()
+    assert bad["status"] == "failed" and "not a .safetensors file" in bad["error"]

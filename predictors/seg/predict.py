@@ -35,5 +35,9 @@ class Predictor(ControlNetPredictor):
         preprocess_only: bool = Inputs.preprocess_only,
         width: int = Inputs.width,
         height: int = Inputs.height,
+        lora_url: str = Inputs.lora_url,
+        lora_scale: float = Inputs.lora_scale,
+        embedding_url: str = Inputs.embedding_url,
+        embedding_token: str = Inputs.embedding_token,
     ) -> List[Path]:
         return self.predict_with(locals())
