@@ -1,5 +1,6 @@
 """Training a ControlNet on paired images (models/train.py, models/train_data.py), on the tiny base, CPU."""
 
+import base64
 import io
 import json
 import tarfile
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
 from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
@@ -24,6 +26,7 @@ from models.train import (
     write_tar,
 )
 from models.train_data import TrainingDataError, read_pairs
+from scripts.cog_server import CogServer
 
 
 def png(img: Image.Image) -> bytes:
@@ -109,7 +112,8 @@ def test_a_few_dozen_steps_lower_the_loss_and_change_the_output(frozen, tmp_path
     pairs = read_pairs(write_archive(tmp_path / "pairs.zip", toy_files()), tmp_path / "unpacked", 64)
     lines = []
     config = TrainConfig(max_train_steps=24, learning_rate=2e-3, train_batch_size=2, resolution=64,
-                         mixed_precision="fp16", seed=3, validation_every=12, validation_steps=2, progress_every_s=0)
+                         mixed_precision="fp16", seed=3, validation_every=12, validation_steps=2, progress_every_s=0,
+                         validation_prompts=("a yellow circle", "a blue square"))
     result = train_controlnet(weights.locate("custom", prefer="tiny").base, pairs, tmp_path / "out", config,
                               log=lines.append)
     log = "\n".join(lines)
@@ -118,7 +122,9 @@ def test_a_few_dozen_steps_lower_the_loss_and_change_the_output(frozen, tmp_path
     assert "training in fp32 instead" in log  # fp16 asked on a CPU
     assert "step 1/24  loss " in log and "step 24/24  loss " in log
     assert all(word in log for word in ("lr 2.00e-03", "steps/s", "ETA"))
-    assert [p.name for p in result.validation_images] == ["validation-step000012-0.png", "validation-step000024-0.png"]
+    assert [p.name for p in result.validation_images] == [
+        "validation-step000012-0.png", "validation-step000012-1.png", "validation-step000024-0.png",
+        "validation-step000024-1.png"]
     assert all(Image.open(p).size == (128, 64) for p in result.validation_images)
 
     trained = ControlNetModel.from_pretrained(result.controlnet_dir)
@@ -230,3 +236,49 @@ def test_mixed_sizes_are_resized_and_said_in_the_logs(tmp_path, frozen):
     dataset = PairDataset(pairs, 64, frozen.tokenizer)
     assert {tuple(dataset[i]["pixel_values"].shape) for i in range(3)} == {(3, 64, 64)}
     assert {tuple(dataset[i]["conditioning_pixel_values"].shape) for i in range(3)} == {(3, 64, 64)}
+
+
+# -- (c) train through Cog, serve the result through Cog ---------------------------------------------
+
+def data_uri(raw: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def from_uri(uri: str) -> bytes:
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
+    """`cog train` runs the image with --x-mode train and POSTs /trainings; the tar it returns is then
+    served through COG_WEIGHTS (a local path here; a URL in production)."""
+    archive = write_archive(tmp_path / "pairs.zip", toy_files()).read_bytes()
+    inputs = {"pairs": data_uri(archive, "application/zip"), "max_train_steps": 12, "resolution": 64,
+              "train_batch_size": 2, "learning_rate": 2e-3, "seed": 3, "validation_every": 6,
+              "mixed_precision": "no"}
+    with CogServer("custom", mode="train", log_path=tmp_path / "train.log") as trainer:
+        schema = requests.get(f"{trainer.url}/openapi.json", timeout=10).json()
+        fields = schema["components"]["schemas"]["TrainingInput"]["properties"]
+        assert fields["learning_rate"]["default"] == 1e-5 and fields["resolution"]["default"] == 512
+        bad = trainer.train({**inputs, "pairs": data_uri(write_archive(tmp_path / "bad.zip", broken("unmatched names"))
+                                                         .read_bytes(), "application/zip")}).json()
+        assert bad["status"] == "failed" and "have no control map of the same name" in bad["error"]
+        assert "Using seed" not in bad["logs"]  # refused before any model was loaded
+        body = trainer.train(inputs).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert "step 12/12  loss " in body["logs"] and "ETA" in body["logs"]
+    assert len(body["output"]["validation_images"]) == 2  # at steps 6 and 12
+    weights_tar = tmp_path / "controlnet.tar"
+    weights_tar.write_bytes(from_uri(body["output"]["weights"]))
+
+    control = png(Image.open(io.BytesIO(toy_files(1)["conditioning_images/pair0.png"])))
+    request = {"image": data_uri(control, "image/png"), "prompt": "a yellow circle", "image_resolution": "256",
+               "ddim_steps": 2, "seed": 7}
+    with CogServer("custom", weights=str(weights_tar), log_path=tmp_path / "serve.log") as served:
+        assert "controlnet from COG_WEIGHTS (controlnet.tar)" in served.log()
+        with_control = served.predict(request).json()
+        base_only = served.predict({**request, "controlnet_conditioning_scale": 0.0}).json()
+    assert with_control["status"] == base_only["status"] == "succeeded", with_control.get("error")
+    assert "UNTRAINED" not in with_control["logs"]
+    moved, base = (np.asarray(Image.open(io.BytesIO(from_uri(b["output"][1])))).astype(int)
+                   for b in (with_control, base_only))
+    assert np.abs(moved - base).mean() > 0.5

@@ -106,6 +106,12 @@ def _log(line: str) -> None:
 
 
 def _fetch_controlnet(source: str):
-    from models.assets import fetch_weights
+    """A URL, data: URI or local path; a tar or zip becomes its folder (as COG_WEIGHTS does when serving)."""
+    from cog_base.predictor import asset_settings
+    from models.assets import AssetCache, fetch_weights
 
-    return fetch_weights(source)
+    folder = fetch_weights(source, AssetCache(**asset_settings()))
+    if not (Path(folder) / "config.json").is_file():
+        raise ValueError("init_from must be \"base\" or a diffusers ControlNet (config.json + weights), e.g. the "
+                         "weights tar a previous training returned")
+    return folder
