@@ -85,12 +85,16 @@ class Frozen:
 
 
 def load_frozen(base_dir: Path, device: str, dtype: torch.dtype = torch.float32) -> Frozen:
+    """VAE and text encoder in `dtype`; the UNet in fp32, because the ControlNet copies its encoder and
+    trains in fp32 (train_controlnet casts the UNet once the copy is made)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a bar per load is noise in a training's logs
     base_dir = Path(base_dir)
 
-    def load(cls, sub: str):
+    def load(cls, sub: str, dtype: torch.dtype):
         folder = base_dir / sub
         model = cls.from_pretrained(folder, torch_dtype=dtype, variant=_variant(folder), local_files_only=True)
         model.requires_grad_(False)
@@ -98,9 +102,9 @@ def load_frozen(base_dir: Path, device: str, dtype: torch.dtype = torch.float32)
 
     return Frozen(
         tokenizer=CLIPTokenizer.from_pretrained(base_dir / "tokenizer", local_files_only=True),
-        text_encoder=load(CLIPTextModel, "text_encoder"),
-        vae=load(AutoencoderKL, "vae"),
-        unet=load(UNet2DConditionModel, "unet"),
+        text_encoder=load(CLIPTextModel, "text_encoder", dtype),
+        vae=load(AutoencoderKL, "vae", dtype),
+        unet=load(UNet2DConditionModel, "unet", torch.float32),
         noise_scheduler=DDPMScheduler.from_pretrained(base_dir / "scheduler", local_files_only=True),
         scheduler_dir=base_dir / "scheduler",
     )
@@ -243,12 +247,11 @@ def train_controlnet(
         cpu=not device.startswith("cuda"),
     )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-    # fp32 first: the ControlNet copies the UNet's encoder and trains in fp32 (accelerate autocasts);
-    # only the frozen parts run in the mixed-precision dtype.
-    frozen = load_frozen(base_dir, accelerator.device)
+    # The ControlNet trains in fp32 under accelerate's autocast; only the frozen parts run in weight_dtype.
+    frozen = load_frozen(base_dir, accelerator.device, weight_dtype)
     controlnet = initial_controlnet(frozen.unet, init_from)
-    for model in (frozen.vae, frozen.text_encoder, frozen.unet):
-        model.to(dtype=weight_dtype)
+    if weight_dtype != torch.float32:
+        frozen.unet.to(dtype=weight_dtype)
     controlnet.train()
     if config.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()

@@ -42,7 +42,7 @@ def fake_real_weights(root: Path, condition: str) -> None:
             continue
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text("{}")
-        weights.write_marker(root / name, revision=weights.MANIFEST["components"][name]["revision"])
+        weights.write_marker(root / name, revision=weights.revision(name))
     (root / "tiny" / "not-this").mkdir(parents=True, exist_ok=True)  # must not travel
 
 

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -282,3 +283,17 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
     moved, base = (np.asarray(Image.open(io.BytesIO(from_uri(b["output"][1])))).astype(int)
                    for b in (with_control, base_only))
     assert np.abs(moved - base).mean() > 0.5
+
+
+def test_make_weights_derives_the_untrained_controlnet_from_the_real_base(tmp_path, monkeypatch):
+    tiny_base = weights.locate("custom", prefer="tiny").base
+    monkeypatch.setenv("CONTROLNET_WEIGHTS_DIR", str(tmp_path))
+    base = weights.MANIFEST["conditions"]["custom"]["base"]
+    shutil.copytree(tiny_base, tmp_path / base)
+    weights.write_marker(tmp_path / base, revision=weights.revision(base))  # stands in for the download
+    from weights.download import main
+
+    main(["custom"])
+    found = weights.locate("custom", prefer="real")
+    assert found.controlnet.name == "controlnet-untrained"
+    assert ControlNetModel.from_pretrained(found.controlnet).controlnet_mid_block.weight.abs().max() == 0
