@@ -112,20 +112,20 @@ def fixed_loss(controlnet, frozen, pairs) -> float:
 def test_a_few_dozen_steps_lower_the_loss_and_change_the_output(frozen, tmp_path):
     pairs = read_pairs(write_archive(tmp_path / "pairs.zip", toy_files()), tmp_path / "unpacked", 64)
     lines = []
-    config = TrainConfig(max_train_steps=24, learning_rate=2e-3, train_batch_size=2, resolution=64,
-                         mixed_precision="fp16", seed=3, validation_every=12, validation_steps=2, progress_every_s=0,
+    config = TrainConfig(max_train_steps=16, learning_rate=3e-3, train_batch_size=2, resolution=64,
+                         mixed_precision="fp16", seed=3, validation_every=8, validation_steps=2, progress_every_s=0,
                          validation_prompts=("a yellow circle", "a blue square"))
     result = train_controlnet(weights.locate("custom", prefer="tiny").base, pairs, tmp_path / "out", config,
                               log=lines.append)
     log = "\n".join(lines)
 
-    assert len(result.losses) == 24 and all(np.isfinite(result.losses))
+    assert len(result.losses) == 16 and all(np.isfinite(result.losses))
     assert "training in fp32 instead" in log  # fp16 asked on a CPU
-    assert "step 1/24  loss " in log and "step 24/24  loss " in log
-    assert all(word in log for word in ("lr 2.00e-03", "steps/s", "ETA"))
+    assert "step 1/16  loss " in log and "step 16/16  loss " in log
+    assert all(word in log for word in ("lr 3.00e-03", "steps/s", "ETA"))
     assert [p.name for p in result.validation_images] == [
-        "validation-step000012-0.png", "validation-step000012-1.png", "validation-step000024-0.png",
-        "validation-step000024-1.png"]
+        "validation-step000008-0.png", "validation-step000008-1.png", "validation-step000016-0.png",
+        "validation-step000016-1.png"]
     assert all(Image.open(p).size == (128, 64) for p in result.validation_images)
 
     trained = ControlNetModel.from_pretrained(result.controlnet_dir)
@@ -297,3 +297,17 @@ def test_make_weights_derives_the_untrained_controlnet_from_the_real_base(tmp_pa
     found = weights.locate("custom", prefer="real")
     assert found.controlnet.name == "controlnet-untrained"
     assert ControlNetModel.from_pretrained(found.controlnet).controlnet_mid_block.weight.abs().max() == 0
+
+
+def test_init_from_takes_a_weights_tar_or_folder_and_refuses_anything_else(tmp_path, monkeypatch):
+    from predictors.custom.train import _fetch_controlnet
+
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
+    untrained = weights.locate("custom", prefer="tiny").controlnet
+    tar = write_tar(untrained, tmp_path / "cn.tar")
+    assert (_fetch_controlnet(str(tar)) / "config.json").is_file()
+    assert _fetch_controlnet(str(untrained)) == untrained
+    with pytest.raises(ValueError, match="init_from must be"):
+        _fetch_controlnet(str(weights.locate("custom", prefer="tiny").base))
+    with pytest.raises(ValueError, match="no such file"):
+        _fetch_controlnet(str(tmp_path / "missing.tar"))
