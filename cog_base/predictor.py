@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from typing import Any, ClassVar
 
 from cog import BasePredictor, Path
@@ -329,7 +330,10 @@ class ControlNetPredictor(BasePredictor):
         # unique names because --upload-url PUTs them by basename.
         if self._output_dir:
             shutil.rmtree(self._output_dir, ignore_errors=True)
+            self._cleanup.detach()
         self._output_dir = tempfile.mkdtemp(prefix=f"controlnet-{self.condition}-")
+        # The last prediction's files go with the process (or with this predictor), not left in /tmp.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._output_dir, ignore_errors=True)
         tag = uuid.uuid4().hex[:8]
         names = (["control"] if with_map else []) + [f"sample-{i}" for i in range(1, len(images) + 1)]
         paths = []

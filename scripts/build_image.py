@@ -26,6 +26,7 @@ SHARED = [
     "models/style.py",
     "models/train.py",  # the custom image's train(); small, so every image carries it
     "models/train_data.py",
+    "models/midas.py",  # the depth estimator behind both depth and normal
     "models/detectors/__init__.py",
     "weights/__init__.py",
     "weights/manifest.json",

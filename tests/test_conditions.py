@@ -36,7 +36,8 @@ def test_the_detector_component_is_the_one_its_class_writes(predictor):
     if "detector" in roles:
         spec = weights.MANIFEST["components"][roles["detector"]]
         module, _, cls = spec["random"].partition(":")
-        assert getattr(importlib.import_module(module), cls) is predictor.detector_class()
+        # A component two conditions share (MiDaS for depth and normal) is written by their common base.
+        assert issubclass(predictor.detector_class(), getattr(importlib.import_module(module), cls))
         assert predictor.weights.detector.name == roles["detector"]
     else:
         assert predictor.weights.detector is None

@@ -119,3 +119,16 @@ def test_non_image_upload_is_a_clear_error(predictor, tmp_path):
     bad.write_text("hello")
     with pytest.raises(ValueError, match="could not be decoded"):
         predictor.generate(bad, "x", seed=1, **FAST)
+
+
+def test_no_output_folder_outlives_its_predictor(image_file):
+    import gc
+    import os
+
+    p = Predictor()
+    p.setup()
+    files = p.generate(image_file(), "x", seed=1, **FAST)
+    folder = files[0].parent
+    del p, files
+    gc.collect()
+    assert not os.path.exists(folder)

@@ -103,6 +103,7 @@ def test_new_controls_default_to_the_jagilley_behaviour(servers):
         "controlnet_conditioning_scale": 1.0, "guess_mode": False, "control_guidance_start": 0.0,
         "control_guidance_end": 1.0, "scheduler": "DDIM", "control_image_is_map": False,
         "return_control_map": True, "preprocess_only": False, "width": 0, "height": 0,
+        "lora_url": "", "lora_scale": 1.0, "embedding_url": "", "embedding_token": "",
     }
 
 
@@ -179,12 +180,24 @@ def test_bad_input_gets_422(server, bad):
 @pytest.mark.parametrize(
     "condition, bad",
     [("canny", {"low_threshold": 256}), ("hough", {"value_threshold": 3.0}), ("hough", {"detect_resolution": 64}),
-     ("hed", {"detect_resolution": 2048}), ("normal", {"bg_threshold": 1.5}), ("seg", {"detect_resolution": 100})],
+     ("hed", {"detect_resolution": 2048}), ("normal", {"bg_threshold": 1.5}), ("seg", {"detect_resolution": 100}),
+     ("depth", {"detect_resolution": 127}), ("pose", {"detect_resolution": 1025})],
 )
 def test_bad_condition_inputs_get_422(servers, condition, bad):
     if condition not in servers:
         pytest.skip(f"{condition} is not a condition")
     assert servers[condition].predict({"image": data_uri(png_bytes(drawing())), "prompt": "x"} | bad).status_code == 422
+
+
+def test_pose_without_a_person_answers_a_black_map_and_says_so(servers):
+    """The tiny OpenPose finds nobody in any image (see PoseDetector.save_random): not an error."""
+    if "pose" not in servers:
+        pytest.skip("pose is not a condition")
+    body = servers["pose"].predict({"image": data_uri(png_bytes(drawing())), **GOOD}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    control = decode(body["output"][0])
+    assert control.size == (320, 256) and control.getextrema() == ((0, 0),) * 3
+    assert "pose: no person found" in body["logs"]
 
 
 def test_image_by_http_url(servers, tmp_path):
