@@ -12,6 +12,7 @@ shared cog_base.Inputs registry (which exists to keep the predict schemas of all
 Imported by the HTTP process for the schema: heavy imports happen inside train().
 """
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -84,18 +85,25 @@ def train(
     for folder in _last_output:
         shutil.rmtree(folder, ignore_errors=True)
     _last_output.clear()
+    # Cog reads the returned files after train() returns: they stay until the next training or exit.
     out = Path(tempfile.mkdtemp(prefix="controlnet-train-"))
     _last_output.append(str(out))
+    atexit.register(shutil.rmtree, str(out), ignore_errors=True)
 
-    # The data is checked in full before any model loads, so a bad archive costs seconds, not a GPU start.
-    pair_list = read_pairs(pairs, out / "pairs", resolution, log=_log)
-    found = weights.locate(CONDITION)
-    if found.tiny:
-        _log("WARNING: training on TINY RANDOM-WEIGHT models (no real base found): for testing only. "
-             f"Get the real base with `make weights COND={CONDITION}`.")
-    init = None if init_from.strip() in ("", "base") else _fetch_controlnet(init_from.strip())
-    result = train_controlnet(found.base, pair_list, out, config, init_from=init, log=_log)
-    shutil.rmtree(out / "pairs", ignore_errors=True)
+    try:
+        # The data is checked in full before any model loads: a bad archive costs seconds, not a GPU start.
+        pair_list = read_pairs(pairs, out / "pairs", resolution, log=_log)
+        found = weights.locate(CONDITION)
+        if found.tiny:
+            _log("WARNING: training on TINY RANDOM-WEIGHT models (no real base found): for testing only. "
+                 f"Get the real base with `make weights COND={CONDITION}`.")
+        init = None if init_from.strip() in ("", "base") else _fetch_controlnet(init_from.strip())
+        result = train_controlnet(found.base, pair_list, out, config, init_from=init, log=_log)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(out / "pairs", ignore_errors=True)
     tar = write_tar(result.controlnet_dir, out / "controlnet-custom.tar")
     _log(f"Weights: {tar.name} ({tar.stat().st_size / 1e6:.1f} MB); serve them with COG_WEIGHTS=<its URL or path>")
     return TrainingOutput(weights=Path(tar), validation_images=[Path(p) for p in result.validation_images])
