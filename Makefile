@@ -10,7 +10,7 @@ MODE ?= predict
 PAIRS ?=
 PY := .venv/bin/python
 
-.PHONY: help quickstart test install tiny-weights weights serve predict train image clean
+.PHONY: help quickstart test install tiny-weights weights serve predict train image clean soak fuzz
 
 help:
 	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
@@ -22,6 +22,8 @@ help:
 	@echo "make train PAIRS=pairs.zip          train the custom ControlNet (ARGS='-i max_train_steps=500'); weights -> outputs/"
 	@echo "make serve COND=custom WEIGHTS=x.tar serve a trained ControlNet (MODE=train: serve /trainings instead)"
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
+	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
+	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of a real server (the suite runs a short one)"
 
 quickstart: tiny-weights
 	$(PY) -m scripts.quickstart --cond $(COND)
@@ -50,6 +52,14 @@ train: tiny-weights
 # Stdlib only: building an image needs no virtualenv here.
 image:
 	python3 -m scripts.build_image $(COND)
+
+N ?= 1000
+soak: tiny-weights
+	$(PY) -m scripts.soak -n $(N) --cond $(COND)
+
+EXAMPLES ?= 500
+fuzz: tiny-weights
+	FUZZ_EXAMPLES=$(EXAMPLES) FUZZ_CONDITIONS=$(COND) $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
 
 clean:
 	rm -rf build outputs .pytest_cache

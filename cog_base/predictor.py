@@ -45,6 +45,14 @@ MAX_SEED = 2**32 - 1
 ALIASES = {"image": ("image_or_input_image",)}
 
 
+class ExpectedFault(RuntimeError):
+    """A server-side failure whose message is already written for the client (out of memory, NaN)."""
+
+
+class UnexpectedError(RuntimeError):
+    """Anything else: the client learns that it was unexpected, the server's log keeps the detail."""
+
+
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if str(value) not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
@@ -142,6 +150,7 @@ class ControlNetPredictor(BasePredictor):
             map_interpolation=self.map_interpolation,
         )
         self._output_dir: str | None = None
+        _remove_outputs_on_sigterm(self)
         # Component names, not paths: setup logs reach clients through /health-check.
         served = ", ".join(
             f"{role}: {'COG_WEIGHTS' if custom and role == self.cog_weights else folder.name}"
@@ -161,7 +170,18 @@ class ControlNetPredictor(BasePredictor):
 
     def predict_with(self, inputs: dict[str, Any]) -> list[Path]:
         """What each subclass's predict() calls with its locals()."""
-        return self.generate(**{name: value for name, value in inputs.items() if name not in ("self", "__class__")})
+        try:
+            return self.generate(**{name: value for name, value in inputs.items() if name not in ("self", "__class__")})
+        except (ValueError, ExpectedFault):
+            raise  # the message says what to fix, in the client's terms
+        except Exception as exc:
+            if type(exc).__name__ == "CancelationException":
+                raise
+            # Its message may name server paths; the traceback stays in the server's log.
+            raise UnexpectedError(
+                f"unexpected server error ({type(exc).__name__}); it is logged on the server. Retry, and report it "
+                "if it persists"
+            ) from exc
 
     def generate(
         self,
@@ -196,7 +216,7 @@ class ControlNetPredictor(BasePredictor):
         """The control map first (unless return_control_map is off), then the samples, as PNG files."""
         from models.assets import AssetError
         from models.image import InputImageError, apply_crop, load_rgb, plan_size
-        from models.pipeline import Request
+        from models.pipeline import NonFiniteOutputError, Request
 
         if (image is None) == (input_image is None):
             raise ValueError("send the image as exactly one of `image` or `input_image`" if image is not None
@@ -290,13 +310,15 @@ class ControlNetPredictor(BasePredictor):
                 samples = [_resize_exact(img, out_w, out_h) for img in result.samples]
         except (InputImageError, AssetError) as exc:
             raise ValueError(str(exc)) from None
+        except NonFiniteOutputError as exc:
+            raise ExpectedFault(str(exc)) from None
         except Exception as exc:
             if type(exc).__name__ != "OutOfMemoryError":
                 raise
             import torch
 
             torch.cuda.empty_cache()  # leave the server usable for the next, smaller request
-            raise RuntimeError(
+            raise ExpectedFault(
                 f"out of GPU memory for {num_samples} sample(s) at {gen_w}x{gen_h}; "
                 "ask for fewer samples or a lower resolution"
             ) from None
@@ -342,6 +364,23 @@ class ControlNetPredictor(BasePredictor):
             img.save(path)
             paths.append(path)
         return paths
+
+
+def _remove_outputs_on_sigterm(predictor) -> None:
+    """Cog stops its prediction worker with SIGTERM, which skips atexit: remove the last outputs first.
+    Only in such a worker (a multiprocessing child); a test process keeps its own signal handling."""
+    import multiprocessing
+    import signal
+
+    if multiprocessing.parent_process() is None:
+        return
+
+    def handler(signum, frame):
+        if predictor._output_dir:
+            shutil.rmtree(predictor._output_dir, ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def asset_settings() -> dict:

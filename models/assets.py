@@ -1,8 +1,8 @@
 """Files users point the server at (LoRAs, embeddings, fine-tuned checkpoints), fetched into a bounded cache.
 
-A request's asset is an http(s) URL or a `data:` URI: it is streamed to disk with a byte bound and a
-time bound, kept in an on-disk cache keyed by the URL (a repeat request does not download again) and
-evicted least-recently-used when the cache outgrows its size. A start-up asset (COG_WEIGHTS) may also
+A request's asset is an http(s) URL or a `data:` URI: it is streamed to disk with a byte bound, a
+time bound and models.urls' address check, kept in an on-disk cache keyed by the URL (a repeat
+request does not download again) and evicted least-recently-used when the cache outgrows its size. A start-up asset (COG_WEIGHTS) may also
 be a local path. Archives are unpacked with tarfile's "data" filter, which refuses absolute paths,
 links out of the folder and device files. No Cog here: the shared predictor passes the settings in.
 """
@@ -15,14 +15,12 @@ import hashlib
 import os
 import shutil
 import tarfile
-import time
 import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import requests
+from models.urls import URLError, download, human
 
 MiB = 2**20
 
@@ -31,17 +29,12 @@ class AssetError(ValueError):
     """An asset could not be fetched or used; the message says what to send instead."""
 
 
-def _human(n: int) -> str:
-    return f"{n / MiB:.0f} MiB" if n >= MiB else f"{n} bytes"
-
-
 @dataclass
 class AssetCache:
     root: Path
     max_bytes: int = 4096 * MiB  # the whole cache
     max_file_bytes: int = 1024 * MiB  # one asset: SD 1.5 LoRAs are 2-300 MB, embeddings kilobytes
     timeout_s: float = 120.0  # a whole download
-    check_url: Callable[[str], None] | None = None  # raises AssetError for a URL the server must not fetch
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -60,51 +53,22 @@ class AssetCache:
         if source.startswith("data:"):
             data = _decode_data_uri(source, what)
             if len(data) > self.max_file_bytes:
-                raise AssetError(f"{what} is {_human(len(data))}; send at most {_human(self.max_file_bytes)}")
-            self._store(path, [data])
+                raise AssetError(f"{what} is {human(len(data))}; send at most {human(self.max_file_bytes)}")
+            partial = path.with_suffix(".partial")
+            partial.write_bytes(data)
+            partial.replace(path)  # only a complete file ever has the cache's name
         elif source.startswith(("http://", "https://")):
-            if self.check_url:
-                self.check_url(source)
-            self._store(path, self._download(source, what))
+            self._download(source, path, what)
         else:
             raise AssetError(f"{what} must be an http(s) URL or a data: URI, not {source[:40]!r}")
         self.evict(keep=path)
         return path
 
-    def _download(self, url: str, what: str):
-        host = urllib.parse.urlsplit(url).hostname
-        deadline = time.monotonic() + self.timeout_s
+    def _download(self, url: str, path: Path, what: str) -> None:
         try:
-            # (connect, read) timeouts bound each wait; the deadline bounds a server that trickles bytes.
-            with requests.get(url, stream=True, timeout=(10, min(30, self.timeout_s))) as response:
-                if response.status_code != 200:
-                    raise AssetError(f"{what}: {host} answered HTTP {response.status_code}; check the URL")
-                declared = int(response.headers.get("Content-Length") or 0)
-                if declared > self.max_file_bytes:
-                    raise AssetError(f"{what} is {_human(declared)}; send at most {_human(self.max_file_bytes)}")
-                size = 0
-                for chunk in response.iter_content(MiB):
-                    size += len(chunk)
-                    if size > self.max_file_bytes:
-                        raise AssetError(f"{what} is over {_human(self.max_file_bytes)}; send a smaller file")
-                    if time.monotonic() > deadline:
-                        raise AssetError(f"{what}: downloading from {host} took over {self.timeout_s:.0f}s; "
-                                         "use a faster host or a smaller file")
-                    yield chunk
-        except requests.Timeout:
-            raise AssetError(f"{what}: {host} did not answer within the time limit; check the URL") from None
-        except requests.RequestException as exc:
-            raise AssetError(f"{what}: could not download from {host} ({type(exc).__name__}); check the URL") from None
-
-    def _store(self, path: Path, chunks) -> None:
-        partial = path.with_suffix(".partial")
-        try:
-            with open(partial, "wb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
-            partial.replace(path)  # only a complete file ever has the cache's name
-        finally:
-            partial.unlink(missing_ok=True)
+            download(url, path, what, self.max_file_bytes, self.timeout_s)
+        except URLError as exc:
+            raise AssetError(str(exc)) from None
 
     def evict(self, keep: Path | None = None) -> None:
         files = sorted((p for p in self.root.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)

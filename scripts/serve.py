@@ -58,7 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("condition")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 keeps every route, /shutdown included, on this machine")
+    parser.add_argument("--upload-url", default=None, help="Cog's --upload-url: async outputs are PUT to URL/<name>")
     parser.add_argument("--mode", choices=("predict", "train"), default="predict",
                         help="train: serve POST /trainings (the image's cog.yaml must have train:)")
     parser.add_argument("--weights", default="", help="COG_WEIGHTS for the server: a URL or path of trained weights")
@@ -79,6 +80,8 @@ def main() -> None:
     if args.mode == "train" and not has_field(args.condition, "train"):
         raise SystemExit(f"make serve: {args.condition} is not trainable (its cog.yaml has no train:); try COND=custom")
     command, env = server_command(args.condition, args.port, args.host, args.mode)
+    if args.upload_url:
+        command += ["--upload-url", args.upload_url]
     if args.weights:
         # Relative paths are the user's, but the server runs in build/serve-<cond>/.
         local = Path(args.weights).expanduser()

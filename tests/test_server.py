@@ -24,27 +24,6 @@ def decode(uri: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
 
-@pytest.fixture(scope="session")
-def servers(tmp_path_factory):
-    """Each server is started once for the whole suite, all at the same time (setup is mostly imports)."""
-    logs = tmp_path_factory.mktemp("cog")
-    running = {c: CogServer(c, log_path=logs / f"{c}.log") for c in CONDITIONS}
-    try:
-        for server in running.values():
-            server.launch()
-        for server in running.values():
-            server.wait_ready()
-        yield running
-    finally:
-        for server in running.values():
-            server.stop()
-
-
-@pytest.fixture(params=CONDITIONS)
-def server(request, servers):
-    return servers[request.param]
-
-
 def schema_inputs(server):
     schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
     return schema, schema["components"]["schemas"]["Input"]

@@ -192,7 +192,7 @@ def test_the_embedding_changes_the_output_only_when_the_prompt_uses_its_token(ca
         ("sdxl-lora.safetensors", {}, "not a LoRA for Stable Diffusion 1.5"),
         ("missing.safetensors", {}, "answered HTTP 404"),
         ("big.safetensors", {}, "send at most 1 MiB"),
-        ("hang", {}, "did not answer within the time limit"),
+        ("hang", {}, "did not answer in time"),
         ("embedding.safetensors", {"embedding_token": "a"}, "Use a token that is not a word"),
     ],
 )
