@@ -4,9 +4,13 @@ PORT ?= 5000
 IMAGE ?=
 PROMPT ?= a cozy cottage with a red roof, photorealistic, golden hour
 ARGS ?=
+# make serve COND=custom: WEIGHTS (COG_WEIGHTS for the server, a trained tar's URL or path), MODE=train for /trainings
+WEIGHTS ?=
+MODE ?= predict
+PAIRS ?=
 PY := .venv/bin/python
 
-.PHONY: help quickstart test install tiny-weights weights serve predict image clean soak fuzz
+.PHONY: help quickstart test install tiny-weights weights serve predict train image clean soak fuzz
 
 help:
 	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
@@ -15,6 +19,8 @@ help:
 	@echo "make tiny-weights                   write tiny random-weight models (offline, for tests)"
 	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
 	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42 -i num_samples=4')"
+	@echo "make train PAIRS=pairs.zip          train the custom ControlNet (ARGS='-i max_train_steps=500'); weights -> outputs/"
+	@echo "make serve COND=custom WEIGHTS=x.tar serve a trained ControlNet (MODE=train: serve /trainings instead)"
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
 	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
 	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of a real server (the suite runs a short one)"
@@ -35,10 +41,13 @@ weights: install
 	$(PY) -m weights.download $(COND)
 
 serve: tiny-weights
-	$(PY) -m scripts.serve $(COND) --port $(PORT)
+	$(PY) -m scripts.serve $(COND) --port $(PORT) --mode $(MODE) --weights "$(WEIGHTS)"
 
 predict: install
 	$(PY) -m scripts.predict --port $(PORT) --name $(COND) --image "$(IMAGE)" --prompt "$(PROMPT)" $(ARGS)
+
+train: tiny-weights
+	$(PY) -m scripts.train --pairs "$(PAIRS)" $(ARGS)
 
 # Stdlib only: building an image needs no virtualenv here.
 image:

@@ -22,6 +22,10 @@ SHARED = [
     "models/__init__.py",
     "models/image.py",
     "models/pipeline.py",
+    "models/assets.py",
+    "models/style.py",
+    "models/train.py",  # the custom image's train(); small, so every image carries it
+    "models/train_data.py",
     "models/midas.py",  # the depth estimator behind both depth and normal
     "models/detectors/__init__.py",
     "weights/__init__.py",

@@ -24,6 +24,10 @@ def field(condition: str, name: str) -> str:
     return match.group(1)
 
 
+def has_field(condition: str, name: str) -> bool:
+    return re.search(rf"^\s*{name}:", cog_yaml(condition).read_text(), re.MULTILINE) is not None
+
+
 def pinned_sdk() -> str:
     match = re.search(r"^cog==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
     if not match:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import weights
-from scripts.cog_config import field, pinned_sdk
+from scripts.cog_config import field, has_field, pinned_sdk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,9 @@ def test_every_cog_yaml_pins_the_sdk_and_requirements_the_tests_use():
         assert field(condition, "python_requirements") == "requirements.txt"
         assert field(condition, "gpu") == "true"
         assert field(condition, "predict") == f"predictors/{condition}/predict.py:Predictor"
+        if has_field(condition, "train"):  # trainable images keep train() beside their predictor
+            assert field(condition, "train") == f"predictors/{condition}/train.py:train"
+    assert has_field("custom", "train")
 
 
 def test_cog_stays_out_of_the_model_code():
@@ -49,7 +52,7 @@ def fake_real_weights(root: Path, condition: str) -> None:
             continue
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text("{}")
-        weights.write_marker(root / name, revision=weights.MANIFEST["components"][name]["revision"])
+        weights.write_marker(root / name, revision=weights.revision(name))
     (root / "tiny" / "not-this").mkdir(parents=True, exist_ok=True)  # must not travel
 
 

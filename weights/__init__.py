@@ -47,6 +47,12 @@ def write_marker(folder: Path, **info) -> None:
     (folder / MARKER).write_text(json.dumps(info, indent=1) + "\n")
 
 
+def revision(name: str) -> str:
+    """The pinned revision; a component derived from a base (`from_unet`) follows that base's."""
+    spec = MANIFEST["components"][name]
+    return revision(spec["from_unet"]) if "from_unet" in spec else spec["revision"]
+
+
 def is_complete(folder: Path, name: str, tiny: bool) -> bool:
     info = marker(folder)
     if info is None:
@@ -54,7 +60,7 @@ def is_complete(folder: Path, name: str, tiny: bool) -> bool:
     if tiny:
         return info.get("tiny") is True
     # A download of another revision is stale: the manifest is the source of truth.
-    return info.get("revision") == MANIFEST["components"][name]["revision"]
+    return info.get("revision") == revision(name)
 
 
 @dataclass(frozen=True)

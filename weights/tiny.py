@@ -116,6 +116,15 @@ def write_controlnet(folder: Path, name: str) -> None:
     controlnet.save_pretrained(folder)
 
 
+def write_untrained_controlnet(folder: Path, name: str) -> None:
+    """The custom condition's ControlNet before training: from the tiny base's UNet, zero convolutions
+    kept, so that serving it reproduces the base model exactly (unlike the randomised ones above)."""
+    from models.train import write_untrained_controlnet as write
+
+    base = weights.MANIFEST["components"][name]["from_unet"]
+    write(folder.parent / base, folder)
+
+
 def write_detector(folder: Path, name: str) -> None:
     """The detector class that loads a component also writes its random version, in the same layout."""
     import importlib
@@ -134,7 +143,8 @@ def write(roles: dict[str, str], dest_root: Path, force: bool = False) -> None:
         if weights.is_complete(folder, name, tiny=True) and not force:
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        WRITERS[role](folder, name)
+        derived = "from_unet" in weights.MANIFEST["components"][name]
+        (write_untrained_controlnet if derived else WRITERS[role])(folder, name)
         weights.write_marker(folder, tiny=True, component=name)
         print(f"tiny {name}: written to {folder}")
 
@@ -146,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     roles = {}
     for condition in weights.CONDITIONS:
         roles.update({name: role for role, name in weights.components(condition).items()})
+    # Derived components are written from the base, so the base goes first.
+    roles = dict(sorted(roles.items(), key=lambda item: "from_unet" in weights.MANIFEST["components"][item[0]]))
     write(roles, weights.root() / weights.TINY, args.force)
 
 
