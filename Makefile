@@ -10,7 +10,7 @@ MODE ?= predict
 PAIRS ?=
 PY := .venv/bin/python
 
-.PHONY: help quickstart test install tiny-weights weights serve predict train image clean soak fuzz
+.PHONY: help quickstart test install tiny-weights weights serve predict train image clean soak fuzz stop-trials
 
 help:
 	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
@@ -24,6 +24,7 @@ help:
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
 	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
 	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of a real server (the suite runs a short one)"
+	@echo "make stop-trials [TRIALS=10]       stop servers by signal (group/server, idle/busy/starting) TRIALS times each"
 
 quickstart: tiny-weights
 	$(PY) -m scripts.quickstart --cond $(COND)
@@ -60,6 +61,10 @@ soak: tiny-weights
 EXAMPLES ?= 500
 fuzz: tiny-weights
 	FUZZ_EXAMPLES=$(EXAMPLES) FUZZ_CONDITIONS=$(COND) $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
+
+TRIALS ?= 10
+stop-trials: tiny-weights
+	STOP_TRIALS=$(TRIALS) $(PY) -m pytest tests/test_serving.py -k stop_signal -p no:cacheprovider
 
 clean:
 	rm -rf build outputs .pytest_cache

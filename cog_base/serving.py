@@ -30,6 +30,7 @@ Every fix is tested through the real server (tests/test_serving.py).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import queue
@@ -126,7 +127,12 @@ def _shutdown_allowed(scope) -> bool:
     if policy in ("any", "none"):
         return policy == "any"
     client = (scope.get("client") or ("",))[0]
-    return client == "::1" or client.startswith("127.")
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:  # a Unix socket or no peer address: not a network client
+        return False
+    # A dual-stack bind reports an IPv4 loopback client as ::ffff:127.0.0.1.
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
 
 
 async def _read_body(receive) -> tuple[bytes, bool]:

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             f"The staged context is complete; on a machine with both run: cd {context} && cog build -t {tag}"
         )
     subprocess.run(["cog", "build", "-t", tag], cwd=context, check=True)
-    print(f"Built {tag}. Run it: docker run --gpus all -p 5000:5000 {tag}")
+    # Loopback unless the user publishes it wider: every route, /shutdown included, is on that port.
+    print(f"Built {tag}. Run it: docker run --gpus all -p 127.0.0.1:5000:5000 {tag}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -76,7 +77,7 @@ class Receiver:
     def for_prediction(self, path):
         return [body for p, body, _ in self.events if p == path]
 
-    def wait_final(self, path, timeout=120):
+    def wait_final(self, path, timeout=900):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             bodies = self.for_prediction(path)
@@ -124,7 +125,13 @@ def post_async(server, inputs, webhook, prediction_id=None, events=None):
     return requests.post(f"{server.url}/predictions", json=body, headers={"Prefer": "respond-async"}, timeout=30)
 
 
-def wait_idle(server, timeout=60):
+def seconds_per_step(logs: str) -> float:
+    """From the last progress line, `step k/N  X.Xs elapsed  ...`."""
+    step, elapsed = re.findall(r"step (\d+)/\d+\s+([\d.]+)s elapsed", logs)[-1]
+    return float(elapsed) / int(step)
+
+
+def wait_idle(server, timeout=300):
     deadline = time.monotonic() + timeout
     while server.health() != "READY" and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -150,6 +157,20 @@ def test_shutdown_is_refused_where_the_policy_says_so(special):
     response = requests.post(f"{main.url}/shutdown", timeout=10)
     assert response.status_code == 403 and "CONTROLNET_SHUTDOWN_FROM" in response.json()["detail"]
     assert main.health() == "READY"
+
+
+@pytest.mark.parametrize("policy, client, allowed", [
+    ("loopback", "127.0.0.1", True), ("loopback", "::1", True), ("loopback", "::ffff:127.0.0.1", True),
+    ("loopback", "172.17.0.1", False), ("loopback", "10.1.2.3", False), ("loopback", None, False),
+    ("none", "127.0.0.1", False), ("any", "203.0.113.9", True),
+])
+def test_who_may_call_shutdown(monkeypatch, policy, client, allowed):
+    """The policy behind the 403 above, for the addresses a real server sees: loopback from `make serve`,
+    the Docker bridge from a published port, anything from a cluster network."""
+    from cog_base import serving
+
+    monkeypatch.setenv("CONTROLNET_SHUTDOWN_FROM", policy)
+    assert serving._shutdown_allowed({"client": (client, 5000) if client else None}) is allowed
 
 
 # -- async predictions, webhooks, cancel, PUT, 409 ------------------------------------------------
@@ -182,7 +203,7 @@ def test_cancel_ends_within_a_step_then_the_next_prediction_succeeds(servers, re
     prediction_id = uuid.uuid4().hex
     path = f"/hook/{prediction_id}"
     assert post_async(server, LONG, receiver.url(path), prediction_id=prediction_id).status_code == 202
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600
     while not any("step 1/" in (b.get("logs") or "") for b in receiver.for_prediction(path)):
         assert time.monotonic() < deadline, "no progress before cancelling"
         time.sleep(0.1)
@@ -196,7 +217,10 @@ def test_cancel_ends_within_a_step_then_the_next_prediction_succeeds(servers, re
     assert requests.post(f"{server.url}/predictions/{prediction_id}/cancel", timeout=10).status_code == 200
     bodies = receiver.wait_final(path)
     assert bodies[-1]["status"] == "canceled"
-    assert time.monotonic() - asked < 10
+    # Within one denoising step: a step's duration is read from the progress lines, so a loaded
+    # machine (slower steps) does not fail this, while a cancel that waited for the end would.
+    assert time.monotonic() - asked < 5 + 2 * seconds_per_step(bodies[-1]["logs"])
+    assert not re.search(rf"step {LONG['ddim_steps']}/", bodies[-1]["logs"]), "it ran to the end"
     wait_idle(server)
     assert server.predict(QUICK).json()["status"] == "succeeded"
     assert requests.post(f"{server.url}/predictions/unknown/cancel", timeout=10).status_code == 404
@@ -222,11 +246,15 @@ def test_a_webhook_that_fails_never_holds_the_server(servers, receiver, hook):
     server = servers["canny"]
     url = f"http://127.0.0.1:{free_port()}/hook" if hook == "closed port" else receiver.url("/hang")
     started = time.monotonic()
-    response = requests.post(f"{server.url}/predictions", json={"input": QUICK, "webhook": url}, timeout=120)
+    assert server.predict(QUICK, timeout=600).json()["status"] == "succeeded"
+    baseline = time.monotonic() - started
+    started = time.monotonic()
+    response = requests.post(f"{server.url}/predictions", json={"input": QUICK, "webhook": url}, timeout=600)
     assert response.status_code == 200 and response.json()["status"] == "succeeded"
-    assert time.monotonic() - started < 30
+    # Cog alone held this answer for ~320 s of webhook retries; the bound here is a few seconds.
+    assert time.monotonic() - started < 2 * baseline + 10
     # Another client is served right away, whatever the webhook is still doing.
-    assert server.predict(QUICK, timeout=60).status_code == 200
+    assert server.predict(QUICK, timeout=600).status_code == 200
 
 
 # -- image URLs -----------------------------------------------------------------------------------
@@ -241,7 +269,7 @@ def test_image_urls_are_bounded_and_leave_nothing_behind(special, receiver, path
     started = time.monotonic()
     body = main.predict({**QUICK, "image": receiver.url(path)}).json()
     assert body["status"] == "failed" and message in body["error"]
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 45  # the hanging host answers nothing for 60 s
     assert str(main.tmp) not in body["error"] and "Traceback" not in (body.get("logs") or "")
     wait_idle(main)
     # Only the last successful prediction's outputs (kept until the next one) may be there.
@@ -278,11 +306,17 @@ def port_free(port) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+# The fault this guards against was a race (2 stops in 10 failed, 16 others did not): the suite tries
+# each case once, `make stop-trials` (STOP_TRIALS=n) n times over.
+STOP_TRIALS = int(os.environ.get("STOP_TRIALS", "1"))
+
+
+@pytest.mark.parametrize("trial", range(STOP_TRIALS))
 @pytest.mark.parametrize("how, when", [
     ("SIGTERM to the group", "idle"), ("SIGTERM to the group", "busy"), ("SIGTERM to the group", "starting"),
-    ("SIGINT to the server", "busy"), ("SIGTERM to the server", "idle"),
+    ("SIGINT to the server", "busy"), ("SIGINT to the group", "busy"), ("SIGTERM to the server", "idle"),
 ])
-def test_a_stop_signal_ends_the_server_within_10_s_and_frees_its_port(tmp_path, how, when):
+def test_a_stop_signal_ends_the_server_within_10_s_and_frees_its_port(tmp_path, how, when, trial):
     server = CogServer("canny", log_path=tmp_path / "server.log")
     server.launch()
     try:
