@@ -1,6 +1,7 @@
 # controlnet-cog: one Cog image per ControlNet condition. `make help` lists the targets.
 COND ?= canny
 PORT ?= 5000
+PLAYGROUND_PORT ?= 7860
 IMAGE ?=
 PROMPT ?= a cozy cottage with a red roof, photorealistic, golden hour
 ARGS ?=
@@ -10,7 +11,7 @@ MODE ?= predict
 PAIRS ?=
 PY := .venv/bin/python
 
-.PHONY: help quickstart test install tiny-weights weights serve predict train image clean soak fuzz stop-trials
+.PHONY: help quickstart test install tiny-weights weights serve predict train image clean playground sample-image soak fuzz stop-trials
 
 help:
 	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
@@ -23,6 +24,11 @@ help:
 	@echo "make serve COND=custom WEIGHTS=x.tar serve a trained ControlNet (MODE=train: serve /trainings instead)"
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
 	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
+	@echo "make playground [COND=canny]        the Cog server + a page to try it in a browser: http://127.0.0.1:7860"
+	@echo "make sample-image                   the quickstart's drawing -> outputs/sample-input.png (for the curl example)"
+	@echo "make install                        the pinned virtualenv (cached in ~/.cache/controlnet-cog; .venv links to it)"
+	@echo "make clean                          remove build/, outputs/ and .pytest_cache (not the venv, not the weights)"
+	@echo "make help                           this list"
 	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of a real server (the suite runs a short one)"
 	@echo "make stop-trials [TRIALS=10]       stop servers by signal (group/server, idle/busy/starting) TRIALS times each"
 
@@ -43,6 +49,12 @@ weights: install
 
 serve: tiny-weights
 	$(PY) -m scripts.serve $(COND) --port $(PORT) --mode $(MODE) --weights "$(WEIGHTS)"
+
+playground: tiny-weights
+	$(PY) -m scripts.playground --cond $(COND) --port $(PLAYGROUND_PORT)
+
+sample-image: install
+	$(PY) -m scripts.quickstart --sample-only
 
 predict: install
 	$(PY) -m scripts.predict --port $(PORT) --name $(COND) --image "$(IMAGE)" --prompt "$(PROMPT)" $(ARGS)
