@@ -16,6 +16,8 @@ help:
 	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
 	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42')"
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
+	@echo "make bench [BENCH_ARGS=...]         benchmark, full-size random-weight models (GPU; docs/benchmarks.md)"
+	@echo "make bench-smoke                    the same harness, tiny models on CPU (CI)"
 
 quickstart: tiny-weights
 	$(PY) -m scripts.quickstart --cond $(COND)
@@ -44,3 +46,21 @@ image:
 
 clean:
 	rm -rf build outputs .pytest_cache
+
+# Benchmarks (docs/benchmarks.md). BENCH_ARGS adds to or overrides the harness's options.
+BENCH_ARGS ?=
+.PHONY: bench bench-smoke bench-weights test-compile
+
+bench-weights: install
+	$(PY) -m bench.weights
+
+bench: install
+	$(PY) -m bench.run --size full $(BENCH_ARGS)
+
+# CI: the same harness on the tiny weights on CPU, bounded; fails when a figure is missing.
+bench-smoke: tiny-weights
+	$(PY) -m bench.run --size tiny --device cpu --resolution 256 --steps 1 2 --runs 1 --warmup 0 \
+		--fast negcache,vae_guard,channels_last --lossy 1 --out build/bench/smoke $(BENCH_ARGS)
+
+test-compile: tiny-weights
+	CONTROLNET_TEST_COMPILE=1 $(PY) -m pytest tests/test_fast.py -q
