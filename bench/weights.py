@@ -61,6 +61,9 @@ def write_controlnet(folder: Path) -> dict[str, int]:
 
 
 def write(root: Path, force: bool = False) -> dict[str, int]:
+    if Path(root).resolve() == weights.HERE:
+        # Random weights with real markers there would be served as the real model.
+        raise SystemExit(f"refusing to write random bench weights into {weights.HERE}; pick another --root")
     counts: dict[str, int] = {}
     writers = {"base": write_base, "controlnet": write_controlnet}
     for role, name in weights.components(CONDITION).items():
