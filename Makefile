@@ -6,7 +6,7 @@ PROMPT ?= a cozy cottage with a red roof, photorealistic, golden hour
 ARGS ?=
 PY := .venv/bin/python
 
-.PHONY: help quickstart test install tiny-weights weights serve predict image clean
+.PHONY: help quickstart test install tiny-weights weights serve predict image clean soak fuzz
 
 help:
 	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
@@ -14,10 +14,12 @@ help:
 	@echo "make weights COND=canny             download the real weights (needs internet)"
 	@echo "make tiny-weights                   write tiny random-weight models (offline, for tests)"
 	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
-	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42')"
+	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42 -i num_samples=4')"
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
 	@echo "make bench [BENCH_ARGS=...]         benchmark, full-size random-weight models (GPU; docs/benchmarks.md)"
 	@echo "make bench-smoke                    the same harness, tiny models on CPU (CI)"
+	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
+	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of a real server (the suite runs a short one)"
 
 quickstart: tiny-weights
 	$(PY) -m scripts.quickstart --cond $(COND)
@@ -43,6 +45,14 @@ predict: install
 # Stdlib only: building an image needs no virtualenv here.
 image:
 	python3 -m scripts.build_image $(COND)
+
+N ?= 1000
+soak: tiny-weights
+	$(PY) -m scripts.soak -n $(N) --cond $(COND)
+
+EXAMPLES ?= 500
+fuzz: tiny-weights
+	FUZZ_EXAMPLES=$(EXAMPLES) FUZZ_CONDITIONS=$(COND) $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
 
 clean:
 	rm -rf build outputs .pytest_cache

@@ -1,6 +1,9 @@
-"""Image helpers shared by every condition (ControlNet 1.0 semantics)."""
+"""Image helpers shared by every condition (ControlNet 1.0 semantics), and the checks on uploads."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,14 +15,37 @@ MAX_ASPECT_RATIO = 4.0
 # Pillow's own guard (about 179 MP) only warns below twice its limit; decoding that much on a shared
 # server is already an attack. 64 MP is far above any photo a client would send.
 MAX_INPUT_PIXELS = 64_000_000
+# The largest sample the jagilley inputs can ask for (768 short side at 4:1); exact sizes keep to it.
+MAX_OUTPUT_PIXELS = 768 * 3072
+FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 
 
 class InputImageError(ValueError):
-    """The uploaded image cannot be used; the message says what to change."""
+    """The uploaded image cannot be used; the message says what to change (and never names server paths)."""
+
+
+def _sniff(path) -> str:
+    """Why a file that Pillow refused is not an image, in the client's terms."""
+    try:
+        head = Path(path).read_bytes()[:512]
+    except OSError:
+        return "could not be read"
+    if not head:
+        return "is empty (0 bytes)"
+    text = head.lstrip().lower()
+    if text.startswith((b"<svg", b"<?xml")) and b"<svg" in text:
+        return "is an SVG drawing (vector graphics); export it as PNG first"
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "is an HTML page, not an image (is the URL a web page rather than the image itself?)"
+    return "is not an image format this server reads"
 
 
 def load_rgb(path) -> np.ndarray:
-    """Decode any Pillow-readable file to HxWx3 uint8. Alpha is composited onto white, like the originals."""
+    """Decode any Pillow-readable file to HxWx3 uint8. Alpha is composited onto white, like the originals.
+
+    Animated files give their first frame, EXIF rotation is applied, and 16-bit / float greyscale is
+    scaled to 8 bits rather than clipped.
+    """
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -33,40 +59,116 @@ def load_rgb(path) -> np.ndarray:
             return to_rgb(ImageOps.exif_transpose(img))
     except InputImageError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputImageError(
-            f"image could not be decoded ({exc}); send a PNG, JPEG or WebP file as a URL or data: URI"
-        ) from exc
+    except Image.DecompressionBombError:
+        raise InputImageError(f"image declares more than {MAX_INPUT_PIXELS / 1e6:.0f} MP; send a smaller one") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow's messages name the server's temp file; say what is wrong with the upload instead.
+        truncated = "truncated" in str(exc) or isinstance(exc, EOFError)
+        reason = "is truncated (the upload or download was cut short)" if truncated else _sniff(path)
+        raise InputImageError(f"image could not be decoded: the file {reason}; send a {FORMATS} file") from None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Pillow's convert('L') clips 16-bit and float pixels at 255, turning a 16-bit scan white."""
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or values.max(initial=0) > 255:
+        values = values / 257.0 if values.max(initial=0) <= 65535 else values * (255.0 / values.max())
+    elif img.mode == "F" and values.max(initial=0) <= 1.0:
+        values = values * 255.0
+    if not np.isfinite(values).all():
+        raise InputImageError("image holds non-finite pixel values (NaN or infinity); send a normal image")
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def target_size(height: int, width: int, resolution: int) -> tuple[int, int]:
-    """Short side scaled to `resolution`, aspect kept, both sides rounded to a multiple of 64."""
+def _check_aspect(height: int, width: int, what: str = "image") -> None:
     if min(height, width) < 1:
-        raise InputImageError(f"image is {width}x{height}; it needs at least one pixel each way")
+        raise InputImageError(f"{what} is {width}x{height}; it needs at least one pixel each way")
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT_RATIO:
         raise InputImageError(
-            f"image aspect ratio {ratio:.1f}:1 is too extreme; crop it to at most {MAX_ASPECT_RATIO:.0f}:1"
+            f"{what} aspect ratio {ratio:.1f}:1 is too extreme; crop it to at most {MAX_ASPECT_RATIO:.0f}:1"
         )
+
+
+def target_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """Short side scaled to `resolution`, aspect kept, both sides rounded to a multiple of 64."""
+    _check_aspect(height, width)
     k = resolution / min(height, width)
     return int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64
 
 
+def _multiple_of_64(side: float) -> int:
+    return max(64, int(np.round(side / 64.0)) * 64)
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """How an upload becomes samples: crop it (exact sizes of another aspect), generate at a multiple of
+    64, then resize the samples to the size asked for (the same size unless width/height were given)."""
+
+    generate: tuple[int, int]  # (height, width) the pipeline runs at
+    output: tuple[int, int]  # (height, width) of the returned samples
+    crop: tuple[int, int, int, int] | None = None  # (top, left, height, width) of the upload to use
+
+
+def plan_size(height: int, width: int, resolution: int, out_width: int = 0, out_height: int = 0) -> SizePlan:
+    """jagilley sizing when no exact size is asked; else the exact size, centre-cropping the upload to its
+    aspect (A1111's default "crop and resize") so nothing is stretched."""
+    if not out_width and not out_height:
+        size = target_size(height, width, resolution)
+        return SizePlan(size, size)
+    _check_aspect(height, width)
+    if not out_height:
+        out_height = max(1, round(out_width * height / width))
+    if not out_width:
+        out_width = max(1, round(out_height * width / height))
+    _check_aspect(out_height, out_width, "width x height")
+    if out_width * out_height > MAX_OUTPUT_PIXELS:
+        raise InputImageError(
+            f"width x height {out_width}x{out_height} is {out_width * out_height / 1e6:.1f} MP; "
+            f"ask for at most {MAX_OUTPUT_PIXELS / 1e6:.1f} MP"
+        )
+    crop = None
+    if abs(out_width / out_height - width / height) > 0.01 * width / height:
+        if width / height > out_width / out_height:  # upload wider than asked: trim its sides
+            keep = max(1, round(height * out_width / out_height))
+            crop = (0, (width - keep) // 2, height, keep)
+        else:
+            keep = max(1, round(width * out_height / out_width))
+            crop = ((height - keep) // 2, 0, keep, width)
+    generate = (_multiple_of_64(out_height), _multiple_of_64(out_width))
+    return SizePlan(generate, (out_height, out_width), crop)
+
+
+def apply_crop(image: np.ndarray, plan: SizePlan) -> np.ndarray:
+    if plan.crop is None:
+        return image
+    top, left, height, width = plan.crop
+    return image[top : top + height, left : left + width]
+
+
+def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """lllyasviel's resize_image interpolation: Lanczos when enlarging, area when shrinking."""
+    if image.shape[:2] == (height, width):
+        return image
+    # lllyasviel's test (the short side grows), so the jagilley sizes resize exactly as before.
+    enlarging = min(height, width) > min(image.shape[:2])
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LANCZOS4 if enlarging else cv2.INTER_AREA)
+
+
 def resize_to_resolution(image: np.ndarray, resolution: int) -> np.ndarray:
-    """lllyasviel's resize_image: Lanczos when enlarging, area when shrinking."""
-    height, width = image.shape[:2]
-    new_h, new_w = target_size(height, width, resolution)
-    enlarging = resolution > min(height, width)
-    interpolation = cv2.INTER_LANCZOS4 if enlarging else cv2.INTER_AREA
-    return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    """lllyasviel's resize_image: short side to `resolution`, sides rounded to multiples of 64."""
+    return resize_to(image, *target_size(*image.shape[:2], resolution))
 
 
 INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR}
@@ -83,3 +185,32 @@ def to_three_channels(single: np.ndarray) -> np.ndarray:
     if single.ndim == 3:
         return single
     return np.repeat(single[:, :, None], 3, axis=2)
+
+
+# Uploaded maps ("the image already is a control map"): a check catches a photo sent by mistake.
+MAP_SHARE = 0.9  # resampling and JPEG smear a real map's edges, so not every pixel need conform
+
+
+def binary_map_problem(control_map: np.ndarray) -> str | None:
+    """Edge, line and scribble maps are white strokes on black: almost every pixel is near 0 or 255."""
+    grey = control_map.max(axis=2) if control_map.ndim == 3 else control_map
+    share = float(np.mean((grey < 32) | (grey > 223)))
+    if share < MAP_SHARE:
+        return (
+            f"only {share:.0%} of the image's pixels are black or white, so it is not a map of white lines "
+            "on black"
+        )
+    return None
+
+
+def palette_map_problem(control_map: np.ndarray, palette: np.ndarray) -> str | None:
+    """Segmentation maps are flat areas of palette colours."""
+    colours, counts = np.unique(control_map.reshape(-1, 3), axis=0, return_counts=True)
+    near = np.zeros(len(colours), bool)
+    for start in range(0, len(colours), 16384):  # a photo has ~1e5 colours: bound the temporary
+        chunk = colours[start : start + 16384, None, :].astype(np.int16)
+        near[start : start + 16384] = (np.abs(chunk - palette[None].astype(np.int16)).max(axis=2) <= 8).any(axis=1)
+    share = float(counts[near].sum() / counts.sum())
+    if share < MAP_SHARE:
+        return f"only {share:.0%} of the image's pixels have a colour of the segmentation palette"
+    return None

@@ -7,13 +7,15 @@ originals (it blacks out images and costs seconds of start-up).
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+import diffusers
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
@@ -25,7 +27,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models import default_device
-from models.image import resize_map, resize_to_resolution, target_size
+from models.image import resize_map, resize_to, target_size
 
 
 def _variant(folder: Path) -> str | None:
@@ -33,7 +35,67 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if any(folder.glob("*.fp16.safetensors")) else None
 
 
-def load_pipeline(base_dir: Path, controlnet_dir: Path, device: str | None = None) -> StableDiffusionControlNetPipeline:
+class BaseWeightsError(ValueError):
+    """A fine-tuned base that cannot be used; the message says what to provide."""
+
+
+def _base_components(base_dir: Path, override: Path | None, dtype, load) -> dict:
+    """SD 1.5's UNet, VAE and text encoder: the stock ones, or those of a fine-tuned checkpoint.
+
+    A fine-tuned diffusers folder may omit what it did not change (its tokenizer, say); a single-file
+    checkpoint is converted by diffusers with the stock folder's configs, so nothing is fetched."""
+    stock = {
+        "unet": lambda: load(UNet2DConditionModel, base_dir / "unet"),
+        "vae": lambda: load(AutoencoderKL, base_dir / "vae"),
+        "text_encoder": lambda: load(CLIPTextModel, base_dir / "text_encoder"),
+    }
+    if override is None:
+        return {name: make() for name, make in stock.items()}
+    if override.is_dir():
+        if not (override / "unet" / "config.json").is_file():
+            raise BaseWeightsError(
+                "the fine-tuned base folder has no unet/config.json; send a diffusers folder (unet/, vae/, "
+                "text_encoder/) or a single-file SD 1.5 .safetensors checkpoint"
+            )
+        classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+        return {
+            name: load(classes[name], override / name) if (override / name / "config.json").is_file() else make()
+            for name, make in stock.items()
+        }
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(override), "pt"):
+            pass
+    except Exception:
+        raise BaseWeightsError(
+            "the fine-tuned base is not a .safetensors file; send a single-file SD 1.5 .safetensors checkpoint "
+            "or a diffusers folder (pickled .ckpt files are refused: they can run code)"
+        ) from None
+    try:
+        single = StableDiffusionPipeline.from_single_file(
+            str(override), config=str(base_dir), local_files_only=True, torch_dtype=dtype,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except Exception as exc:
+        raise BaseWeightsError(
+            f"the fine-tuned base could not be read as an SD 1.5 checkpoint ({type(exc).__name__}); "
+            "send an SD 1.5 (not SDXL / SD 2) .safetensors checkpoint"
+        ) from None
+    return {"unet": single.unet, "vae": single.vae, "text_encoder": single.text_encoder}
+
+
+def _tokenizer_dir(base_dir: Path, override: Path | None) -> Path:
+    """A fine-tuned folder's own tokenizer when it has one (DreamBooth runs may add tokens)."""
+    if override is not None and (Path(override) / "tokenizer" / "vocab.json").is_file():
+        return Path(override) / "tokenizer"
+    return base_dir / "tokenizer"
+
+
+def load_pipeline(
+    base_dir: Path, controlnet_dir: Path, device: str | None = None, base_override: Path | None = None
+) -> StableDiffusionControlNetPipeline:
     device = device or default_device()
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base_dir, controlnet_dir = Path(base_dir), Path(controlnet_dir)
@@ -43,11 +105,10 @@ def load_pipeline(base_dir: Path, controlnet_dir: Path, device: str | None = Non
             folder, torch_dtype=dtype, variant=_variant(folder), local_files_only=True, **kwargs
         )
 
+    base = _base_components(base_dir, Path(base_override) if base_override else None, dtype, load)
     pipe = StableDiffusionControlNetPipeline(
-        vae=load(AutoencoderKL, base_dir / "vae"),
-        text_encoder=load(CLIPTextModel, base_dir / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(base_dir / "tokenizer", local_files_only=True),
-        unet=load(UNet2DConditionModel, base_dir / "unet"),
+        **base,
+        tokenizer=CLIPTokenizer.from_pretrained(_tokenizer_dir(base_dir, base_override), local_files_only=True),
         controlnet=load(ControlNetModel, controlnet_dir),
         # SD 1.5 ships a PNDM config; its betas, steps_offset=1 and set_alpha_to_one=False give
         # the same DDIM timesteps as ldm's sampler that ControlNet 1.0 used.
@@ -60,15 +121,49 @@ def load_pipeline(base_dir: Path, controlnet_dir: Path, device: str | None = Non
     return pipe.to(device)
 
 
+# Name -> (diffusers class, config overrides). Every scheduler is built from SD 1.5's own schedule
+# (betas, steps_offset), so DDIM stays ControlNet 1.0's sampler and the others sample the same model.
+SCHEDULERS = {
+    "DDIM": ("DDIMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+}
+# Long runs print a progress line at most this often (plus the first and the last step).
+PROGRESS_EVERY_S = 1.0
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model produced NaN/inf: a numerical fault, reported instead of returning a black image."""
+
+
+@dataclass
+class Request:
+    """One generation, in the pipeline's terms; defaults are ControlNet 1.0's."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_samples: int = 1
+    steps: int = 20
+    guidance_scale: float = 9.0
+    eta: float = 0.0
+    seed: int = 0
+    scheduler: str = "DDIM"
+    conditioning_scale: float = 1.0
+    guess_mode: bool = False
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+
+
 @dataclass
 class Result:
-    control_map: np.ndarray  # HxWx3 uint8, exactly what the ControlNet saw
     samples: list[Image.Image]
-    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
 
 class ControlNetRunner:
-    """Image in, control map and samples out. What differs per condition is passed in, not branched on.
+    """Control map in, samples out, on one loaded pipeline. What differs per condition is passed in.
 
     detect_at_resolution: the detector runs on the input resized to `detect_resolution` and its map is
     resized to the sample size with `map_interpolation`; otherwise it runs on the image already at
@@ -82,51 +177,121 @@ class ControlNetRunner:
         *,
         detect_at_resolution: bool,
         map_interpolation: str = "bilinear",
+        log: Callable[[str], None] = print,
     ):
         self.pipe = pipe
         self.detector = detector
         self.detect_at_resolution = detect_at_resolution
         self.map_interpolation = map_interpolation
+        self.log = log
+        # Kept apart from the pipeline's scheduler: each request gets a fresh instance built from it.
+        self.scheduler_config = dict(pipe.scheduler.config)
 
-    def control_map(self, image: np.ndarray, image_resolution: int, detect_resolution: int, **options) -> np.ndarray:
+    def control_map(self, image: np.ndarray, size: tuple[int, int], detect_resolution: int, **options) -> np.ndarray:
+        """The map at `size` (height, width), computed the way this condition computes it."""
+        height, width = size
         if not self.detect_at_resolution:
-            return self.detector(resize_to_resolution(image, image_resolution), **options)
-        height, width = target_size(*image.shape[:2], image_resolution)
-        detected = self.detector(resize_to_resolution(image, detect_resolution), **options)
-        return resize_map(detected, height, width, self.map_interpolation)
+            return self.detector(resize_to(image, height, width), **options)
+        detect_h, detect_w = target_size(*image.shape[:2], detect_resolution)
+        detected = self.detector(resize_to(image, detect_h, detect_w), **options)
+        return self.fit_map(detected, size)
+
+    def fit_map(self, control_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return resize_map(control_map, size[0], size[1], self.map_interpolation)
+
+    def make_scheduler(self, name: str):
+        """A fresh scheduler per request: multistep samplers keep per-run state that must not leak into
+        the next request, and building one from the stored config costs well under a millisecond."""
+        if name not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
+        class_name, overrides = SCHEDULERS[name]
+        return getattr(diffusers, class_name).from_config(self.scheduler_config, **overrides)
+
+    def token_count(self, text: str) -> int:
+        # verbose=False: transformers would otherwise log its own over-length notice for this count.
+        return len(self.pipe.tokenizer(text, truncation=False, verbose=False).input_ids)
+
+    def _warn_if_truncated(self, name: str, text: str) -> None:
+        limit = self.pipe.tokenizer.model_max_length
+        count = self.token_count(text)
+        if count > limit:
+            self.log(
+                f"WARNING: the {name} is {count} tokens; the text encoder reads {limit} (with start and end "
+                f"tokens), so the last {count - limit} are ignored. Shorten it to keep them."
+            )
+
+    def _progress(self, log):
+        start = time.perf_counter()
+        last = [-math.inf]
+
+        def on_step_end(pipe, i, t, kwargs):
+            now = time.perf_counter()
+            total = getattr(pipe, "_num_timesteps", None) or i + 1
+            step = i + 1
+            if step == 1 or step == total or now - last[0] >= PROGRESS_EVERY_S:
+                elapsed = now - start
+                log(f"step {step}/{total}  {elapsed:.1f}s elapsed  {step / elapsed:.2f} it/s")
+                last[0] = now
+            return {}
+
+        return on_step_end
 
     @torch.inference_mode()
-    def __call__(
-        self,
-        image: np.ndarray,
-        *,
-        prompt: str,
-        negative_prompt: str,
-        num_samples: int,
-        image_resolution: int,
-        steps: int,
-        guidance_scale: float,
-        eta: float,
-        seed: int,
-        detect_resolution: int = 512,
-        **options,
-    ) -> Result:
-        start = time.perf_counter()
-        control = self.control_map(image, image_resolution, detect_resolution, **options)
+    def generate(self, control: np.ndarray, request: Request) -> Result:
+        pipe, timings = self.pipe, {}
         height, width = control.shape[:2]
+        cfg = request.guidance_scale > 1.0
+
+        start = time.perf_counter()
+        self._warn_if_truncated("prompt", request.prompt)
+        if cfg:
+            self._warn_if_truncated("negative prompt", request.negative_prompt)
+        # Encoded here rather than inside the pipeline so the stage can be timed; the pipeline repeats
+        # the embeddings per sample exactly as it would have.
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            request.prompt, pipe.device, 1, cfg, negative_prompt=request.negative_prompt
+        )
+        timings["encode prompt"] = time.perf_counter() - start
+
         # A CPU generator gives the same noise for a seed on any device.
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        samples = self.pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            image=Image.fromarray(control),
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            num_images_per_prompt=num_samples,
-            generator=generator,
-            output_type="pil",
-        ).images
-        return Result(control, samples, time.perf_counter() - start)
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        start = time.perf_counter()
+        scheduler, pipe.scheduler = pipe.scheduler, self.make_scheduler(request.scheduler)
+        try:
+            latents = pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                image=Image.fromarray(control),
+                height=height,
+                width=width,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                eta=request.eta,
+                num_images_per_prompt=request.num_samples,
+                generator=generator,
+                controlnet_conditioning_scale=request.conditioning_scale,
+                guess_mode=request.guess_mode,
+                control_guidance_start=request.guidance_start,
+                control_guidance_end=request.guidance_end,
+                callback_on_step_end=self._progress(self.log),
+                output_type="latent",
+            ).images
+        finally:
+            pipe.scheduler = scheduler
+        _check_finite(latents, "denoising")
+        timings["denoise"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        _check_finite(decoded, "VAE decoding")
+        samples = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
+        timings["VAE decode"] = time.perf_counter() - start
+        return Result(samples, timings)
+
+
+def _check_finite(tensor: torch.Tensor, stage: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteOutputError(
+            f"the model produced non-finite values (NaN/inf) during {stage}; this is a numerical fault of "
+            "the server, not of your input: try another seed or scheduler"
+        )

@@ -22,6 +22,7 @@ SHARED = [
     "models/__init__.py",
     "models/image.py",
     "models/pipeline.py",
+    "models/midas.py",  # the depth estimator behind both depth and normal
     "models/detectors/__init__.py",
     "weights/__init__.py",
     "weights/manifest.json",

@@ -22,8 +22,12 @@ def free_port() -> int:
 
 
 class CogServer:
-    def __init__(self, condition: str, port: int | None = None, log_path: Path | None = None, env: dict | None = None):
+    def __init__(
+        self, condition: str, port: int | None = None, log_path: Path | None = None, env: dict | None = None,
+        args: list[str] | None = None,
+    ):
         self.condition = condition
+        self.args = list(args or [])
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path or ROOT / "outputs" / f"server-{condition}-{self.port}.log")
@@ -50,7 +54,7 @@ class CogServer:
         with open(self.log_path, "wb") as log:
             # A session of its own, so stop() also reaches the prediction worker it spawns.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "scripts.serve", self.condition, "--port", str(self.port)],
+                [sys.executable, "-m", "scripts.serve", self.condition, "--port", str(self.port), *self.args],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -78,12 +82,33 @@ class CogServer:
     def predict(self, inputs: dict, timeout: float = 600) -> requests.Response:
         return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
 
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+    def stop(self, timeout: float = 10) -> float:
+        """SIGTERM to Cog's HTTP process only (it stops its worker itself; a signal to the whole group
+        also hits the worker mid-flight), SIGKILL to the group after `timeout`; returns the seconds taken."""
+        if self.process is None:
+            return 0.0
+        start = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # The worker may outlive its parent by a moment; nothing of the group may be left behind.
+        deadline = time.monotonic() + 5
+        while group_alive(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if group_alive(self.process.pid):
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        self.process.wait()
+        return time.monotonic() - start
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

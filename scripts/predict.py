@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import mimetypes
 import sys
 import time
@@ -35,9 +34,9 @@ def decode_output(item: str) -> bytes:
     return response.content
 
 
-def save_outputs(outputs: list[str], out_dir: Path, stem: str) -> list[Path]:
+def save_outputs(outputs: list[str], out_dir: Path, stem: str, with_map: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = ["control"] + [f"sample-{i}" for i in range(1, len(outputs))]
+    names = (["control"] if with_map else []) + [f"sample-{i}" for i in range(1, len(outputs) + 1)]
     paths = []
     for name, item in zip(names, outputs):
         path = out_dir / f"{stem}-{name}.png"
@@ -60,37 +59,79 @@ def predict(url: str, inputs: dict, out_dir: Path, stem: str, timeout: float = 9
     print((body.get("logs") or "").rstrip())
     if body.get("status") != "succeeded":
         raise SystemExit(f"prediction {body.get('status')}: {body.get('error')}")
-    return save_outputs(body["output"], out_dir, stem)
+    return save_outputs(body["output"], out_dir, stem, with_map=inputs.get("return_control_map", True))
 
 
-def parse_extra(pairs: list[str]) -> dict:
-    extra = {}
+def input_schema(url: str) -> dict:
+    """The served Input properties, with enum references resolved (Cog puts choices in components)."""
+    try:
+        schema = requests.get(f"{url}/openapi.json", timeout=30).json()
+    except requests.ConnectionError:
+        raise SystemExit(f"no Cog server at {url}: start one with `make serve COND=...`") from None
+    components = schema["components"]["schemas"]
+    props = {}
+    for name, prop in components["Input"]["properties"].items():
+        for ref in prop.get("allOf", []):
+            prop = {**components[ref["$ref"].rsplit("/", 1)[-1]], **prop}
+        props[name] = prop
+    return props
+
+
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def typed(key: str, value: str, prop: dict):
+    """A -i value as the schema types it, as `cog predict -i` does (so num_samples=4 sends "4")."""
+    kind = prop.get("type")
+    try:
+        if prop.get("format") == "uri":
+            return encode_image(value[1:] if value.startswith("@") else value)
+        if kind == "integer":
+            return int(value)
+        if kind == "number":
+            return float(value)
+        if kind == "boolean":
+            if value.lower() not in TRUE + FALSE:
+                raise ValueError
+            return value.lower() in TRUE
+    except ValueError:
+        raise SystemExit(f"-i {key}={value}: expected {kind} for {key}") from None
+    return value
+
+
+def parse_inputs(pairs: list[str], props: dict) -> dict:
+    inputs = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"-i {pair!r}: expected KEY=VALUE")
-        try:
-            extra[key] = json.loads(value)
-        except ValueError:
-            extra[key] = value
-    return extra
+        if key not in props:
+            raise SystemExit(f"-i {key}: this server has no input {key!r}; it takes: {', '.join(props)}")
+        inputs[key] = typed(key, value, props[key])
+    return inputs
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default=None, help="server URL (default http://127.0.0.1:PORT)")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--image", default="", help="path, URL or data: URI (or -i image=@path)")
+    parser.add_argument("--prompt", default="")
     parser.add_argument("--name", default="prediction", help="file name prefix, e.g. the condition")
     parser.add_argument("--out", type=Path, default=Path("outputs"))
-    parser.add_argument("-i", dest="extra", action="append", default=[], help="another input, KEY=VALUE")
+    parser.add_argument("-i", dest="inputs", action="append", default=[],
+                        help="an input, KEY=VALUE, typed by the served schema; files as KEY=@path")
     args = parser.parse_args(argv)
-    if not args.image:
-        raise SystemExit('IMAGE is required: make predict COND=canny IMAGE=photo.png PROMPT="..."')
-    inputs = {"image": encode_image(args.image), "prompt": args.prompt, **parse_extra(args.extra)}
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    inputs = parse_inputs(args.inputs, input_schema(url))
+    if args.image:
+        inputs.setdefault("image", encode_image(args.image))
+    if args.prompt:
+        inputs.setdefault("prompt", args.prompt)
+    if "image" not in inputs and "input_image" not in inputs:
+        raise SystemExit('an image is required: make predict COND=canny IMAGE=photo.png PROMPT="..." (or -i image=@photo.png)')
     stem = f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    paths = predict(args.url or f"http://127.0.0.1:{args.port}", inputs, args.out, stem)
+    paths = predict(url, inputs, args.out, stem)
     print("\n".join(f"wrote {p}" for p in paths))
 
 

@@ -53,7 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("condition")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 keeps every route, /shutdown included, on this machine")
+    parser.add_argument("--upload-url", default=None, help="Cog's --upload-url: async outputs are PUT to URL/<name>")
     args = parser.parse_args()
 
     import weights
@@ -69,6 +70,8 @@ def main() -> None:
             flush=True,
         )
     command, env = server_command(args.condition, args.port, args.host)
+    if args.upload_url:
+        command += ["--upload-url", args.upload_url]
     print(f"Cog server for {args.condition} on http://{args.host}:{args.port} ({' '.join(command[1:])})", flush=True)
     os.chdir(run_dir(args.condition))
     os.execvpe(command[0], command, env)

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 import weights
 import weights.tiny
+from scripts.cog_server import CogServer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,3 +56,27 @@ def image_file(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """Each server is started once for the whole suite, all at the same time (setup is mostly imports)."""
+    logs = tmp_path_factory.mktemp("cog")
+    # /shutdown refused: the fuzzing in the suite calls every route, that one included.
+    running = {
+        c: CogServer(c, log_path=logs / f"{c}.log", env={"CONTROLNET_SHUTDOWN_FROM": "none"}) for c in weights.CONDITIONS
+    }
+    try:
+        for server in running.values():
+            server.launch()
+        for server in running.values():
+            server.wait_ready()
+        yield running
+    finally:
+        for server in running.values():
+            server.stop()
+
+
+@pytest.fixture(params=weights.CONDITIONS)
+def server(request, servers):
+    return servers[request.param]

@@ -52,7 +52,7 @@ def test_greyscale_becomes_three_equal_channels(tmp_path):
 
 def test_undecodable_file_says_what_to_send(tmp_path):
     (tmp_path / "x.png").write_bytes(b"definitely not an image")
-    with pytest.raises(InputImageError, match="PNG, JPEG or WebP"):
+    with pytest.raises(InputImageError, match="not an image format this server reads; send a PNG, JPEG, WebP"):
         load_rgb(tmp_path / "x.png")
 
 

@@ -2,6 +2,7 @@
 build contexts that carry only their own condition."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_conditions_match_the_predictors_folders():
     folders = sorted(p.name for p in (ROOT / "predictors").iterdir() if (p / "predict.py").is_file())
     assert folders == sorted(weights.CONDITIONS)
+
+
+def test_readme_table_lists_every_condition_once():
+    rows = re.findall(r"^\| `(\w+)` \|", (ROOT / "README.md").read_text(), flags=re.MULTILINE)
+    conditions = [row for row in rows if (ROOT / "predictors" / row).is_dir()]
+    assert sorted(conditions) == sorted(weights.CONDITIONS)
 
 
 def test_every_cog_yaml_pins_the_sdk_and_requirements_the_tests_use():

@@ -79,10 +79,10 @@ def test_seed_used_is_logged_and_random_when_absent(predictor, image_file, capsy
     predictor.generate(image_file(), "x", seed=123, **FAST)
     assert "Using seed: 123" in capsys.readouterr().out
     seeds = set()
-    for seed in (None, -1):
+    for seed in (None, -1, 0, 0):  # 0 is random too, as `if not seed` made it in the originals
         predictor.generate(image_file(), "x", seed=seed, **FAST)
         seeds.add(int(capsys.readouterr().out.split("Using seed: ")[1].split()[0]))
-    assert len(seeds) == 2
+    assert len(seeds) == 4 and 0 not in seeds  # a logged seed reproduces its images
 
 
 def test_tiny_weights_are_announced_in_every_prediction(predictor, image_file, capsys):
@@ -119,3 +119,16 @@ def test_non_image_upload_is_a_clear_error(predictor, tmp_path):
     bad.write_text("hello")
     with pytest.raises(ValueError, match="could not be decoded"):
         predictor.generate(bad, "x", seed=1, **FAST)
+
+
+def test_no_output_folder_outlives_its_predictor(image_file):
+    import gc
+    import os
+
+    p = Predictor()
+    p.setup()
+    files = p.generate(image_file(), "x", seed=1, **FAST)
+    folder = files[0].parent
+    del p, files
+    gc.collect()
+    assert not os.path.exists(folder)

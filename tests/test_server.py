@@ -8,7 +8,7 @@ import requests
 from PIL import Image
 
 import weights
-from cog_base.predictor import SHARED_INPUTS
+from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS
 from scripts.cog_server import CogServer
 from tests.conftest import drawing, png_bytes, predictor_class
 
@@ -24,30 +24,14 @@ def decode(uri: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
 
-@pytest.fixture(scope="session")
-def servers(tmp_path_factory):
-    """Each server is started once for the whole suite, all at the same time (setup is mostly imports)."""
-    logs = tmp_path_factory.mktemp("cog")
-    running = {c: CogServer(c, log_path=logs / f"{c}.log") for c in CONDITIONS}
-    try:
-        for server in running.values():
-            server.launch()
-        for server in running.values():
-            server.wait_ready()
-        yield running
-    finally:
-        for server in running.values():
-            server.stop()
-
-
-@pytest.fixture(params=CONDITIONS)
-def server(request, servers):
-    return servers[request.param]
-
-
 def schema_inputs(server):
     schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
     return schema, schema["components"]["schemas"]["Input"]
+
+
+def same_but_order(a: dict, b: dict) -> bool:
+    """x-order is the position in the signature, which the condition's own inputs shift."""
+    return {k: v for k, v in a.items() if k != "x-order"} == {k: v for k, v in b.items() if k != "x-order"}
 
 
 GOOD = {"prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 7}
@@ -61,8 +45,10 @@ def test_health_check_is_ready_and_start_up_says_tiny_weights(server):
 def test_schema_has_the_shared_inputs_then_the_declared_extras(server):
     schema, inputs = schema_inputs(server)
     props = inputs["properties"]
-    assert list(props) == [*SHARED_INPUTS, *predictor_class(server.condition).extra_inputs]
-    assert sorted(inputs["required"]) == ["image", "prompt"]
+    assert list(props) == [*JAGILLEY_INPUTS, *predictor_class(server.condition).extra_inputs, *CONTROLS]
+    # hed also takes `input_image` (jagilley's published hed name), so its `image` is optional.
+    required = ["prompt"] if "input_image" in props else ["image", "prompt"]
+    assert sorted(inputs.get("required", [])) == required
     assert props["image"]["format"] == "uri"
     assert props["ddim_steps"]["default"] == 20 and props["ddim_steps"]["minimum"] == 1
     assert props["scale"]["default"] == 9.0
@@ -73,18 +59,52 @@ def test_schema_has_the_shared_inputs_then_the_declared_extras(server):
     assert schema["components"]["schemas"]["Output"]["type"] == "array"
 
 
-def test_shared_inputs_are_identical_in_all_six_schemas(servers):
+def test_shared_inputs_are_identical_in_every_schema(servers):
     schemas = {c: schema_inputs(s) for c, s in servers.items()}
     reference_schema, reference = schemas["canny"]
     for condition, (schema, inputs) in schemas.items():
-        for name in SHARED_INPUTS:
-            assert inputs["properties"][name] == reference["properties"][name], (condition, name)
-        for enum in ("num_samples", "image_resolution"):
+        for name in [*JAGILLEY_INPUTS, *CONTROLS]:
+            if name == "image" and "input_image" in inputs["properties"]:
+                continue  # hed's optional image, checked below
+            assert same_but_order(inputs["properties"][name], reference["properties"][name]), (condition, name)
+        for enum in ("num_samples", "image_resolution", "scheduler"):
             assert schema["components"]["schemas"][enum] == reference_schema["components"]["schemas"][enum]
     detecting = [inputs["properties"]["detect_resolution"] for _, inputs in schemas.values()
                  if "detect_resolution" in inputs["properties"]]
     assert len(detecting) >= 1 and all(d == detecting[0] for d in detecting)
     assert detecting[0]["default"] == 512 and (detecting[0]["minimum"], detecting[0]["maximum"]) == (128, 1024)
+
+
+def test_new_controls_default_to_the_jagilley_behaviour(servers):
+    props = schema_inputs(servers["canny"])[1]["properties"]
+    defaults = {name: props[name].get("default") for name in CONTROLS}
+    assert defaults == {
+        "controlnet_conditioning_scale": 1.0, "guess_mode": False, "control_guidance_start": 0.0,
+        "control_guidance_end": 1.0, "scheduler": "DDIM", "control_image_is_map": False,
+        "return_control_map": True, "preprocess_only": False, "width": 0, "height": 0,
+        "lora_url": "", "lora_scale": 1.0, "embedding_url": "", "embedding_token": "",
+    }
+
+
+def test_hed_takes_input_image_as_its_published_clients_send_it(servers):
+    if "hed" not in servers:
+        pytest.skip("no hed condition")
+    server = servers["hed"]
+    uri = data_uri(png_bytes(drawing()))
+    body = server.predict({"input_image": uri, **GOOD}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert [decode(u).size for u in body["output"]] == [(320, 256), (320, 256)]
+    both = server.predict({"input_image": uri, "image": uri, **GOOD}).json()
+    assert both["status"] == "failed" and "exactly one of `image` or `input_image`" in both["error"]
+    neither = server.predict(GOOD).json()
+    assert neither["status"] == "failed" and "image is required" in neither["error"]
+
+
+def test_preprocess_only_over_http_returns_the_map_alone(servers):
+    body = servers["canny"].predict({"image": data_uri(png_bytes(drawing())), **GOOD, "preprocess_only": True}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert len(body["output"]) == 1 and decode(body["output"][0]).size == (320, 256)
+    assert "step 1/" not in body["logs"]
 
 
 def test_canny_extras_keep_the_jagilley_defaults(servers):
@@ -123,6 +143,11 @@ def test_four_samples_over_http(servers):
         {"seed": -2},
         {"image": "not a url"},
         {"prompt": None},
+        {"controlnet_conditioning_scale": 2.5},
+        {"control_guidance_end": 1.5},
+        {"scheduler": "PLMS"},
+        {"width": 4096},
+        {"guess_mode": "maybe"},
     ],
 )
 def test_bad_input_gets_422(server, bad):
@@ -134,12 +159,24 @@ def test_bad_input_gets_422(server, bad):
 @pytest.mark.parametrize(
     "condition, bad",
     [("canny", {"low_threshold": 256}), ("hough", {"value_threshold": 3.0}), ("hough", {"detect_resolution": 64}),
-     ("hed", {"detect_resolution": 2048}), ("normal", {"bg_threshold": 1.5}), ("seg", {"detect_resolution": 100})],
+     ("hed", {"detect_resolution": 2048}), ("normal", {"bg_threshold": 1.5}), ("seg", {"detect_resolution": 100}),
+     ("depth", {"detect_resolution": 127}), ("pose", {"detect_resolution": 1025})],
 )
 def test_bad_condition_inputs_get_422(servers, condition, bad):
     if condition not in servers:
         pytest.skip(f"{condition} is not a condition")
     assert servers[condition].predict({"image": data_uri(png_bytes(drawing())), "prompt": "x"} | bad).status_code == 422
+
+
+def test_pose_without_a_person_answers_a_black_map_and_says_so(servers):
+    """The tiny OpenPose finds nobody in any image (see PoseDetector.save_random): not an error."""
+    if "pose" not in servers:
+        pytest.skip("pose is not a condition")
+    body = servers["pose"].predict({"image": data_uri(png_bytes(drawing())), **GOOD}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    control = decode(body["output"][0])
+    assert control.size == (320, 256) and control.getextrema() == ((0, 0),) * 3
+    assert "pose: no person found" in body["logs"]
 
 
 def test_image_by_http_url(servers, tmp_path):
@@ -167,3 +204,44 @@ def test_undecodable_image_fails_with_a_message_and_the_server_survives(server):
     assert "could not be decoded" in body["error"]
     ok = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD})
     assert ok.json()["status"] == "succeeded"
+
+
+def test_make_predict_types_inputs_by_the_served_schema(servers, tmp_path, capsys):
+    from scripts.predict import main
+
+    drawing().save(tmp_path / "in.png")
+    url = servers["canny"].url
+    main(["--url", url, "--out", str(tmp_path / "out"), "-i", f"image=@{tmp_path / 'in.png'}", "-i", "prompt=a house",
+          "-i", "num_samples=4", "-i", "image_resolution=256", "-i", "ddim_steps=1", "-i", "guess_mode=true",
+          "-i", "scale=4.5"])
+    written = sorted(p.name.split("-", 2)[-1] for p in (tmp_path / "out").iterdir())
+    assert len(written) == 5 and written[0].endswith("control.png")
+    with pytest.raises(SystemExit, match="no input 'steps'; it takes: image, prompt"):
+        main(["--url", url, "-i", f"image=@{tmp_path / 'in.png'}", "-i", "steps=3"])
+    with pytest.raises(SystemExit, match="expected integer for ddim_steps"):
+        main(["--url", url, "-i", f"image=@{tmp_path / 'in.png'}", "-i", "ddim_steps=many"])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["--url", url, "-i", "image=@/nonexistent.png", "-i", "prompt=x"])
+
+
+def test_a_lora_by_data_uri_through_the_server(servers):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save
+
+    unet = UNet2DConditionModel.from_pretrained(weights.locate("canny").base / "unet", variant="fp16")
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, layer in unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn1.to_v")):
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g)
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g)
+    uri = "data:application/octet-stream;base64," + base64.b64encode(save(state)).decode()
+    image = data_uri(png_bytes(drawing()))
+    plain = servers["canny"].predict({"image": image, **GOOD}).json()
+    styled = servers["canny"].predict({"image": image, **GOOD, "lora_url": uri, "lora_scale": 2.0}).json()
+    assert styled["status"] == "succeeded", styled.get("error")
+    assert "load LoRA/embedding" in styled["logs"]
+    assert styled["output"][1] != plain["output"][1] and styled["output"][0] == plain["output"][0]
+    bad = servers["canny"].predict({"image": image, **GOOD, "lora_url": data_uri(b"not safetensors")}).json()
+    assert bad["status"] == "failed" and "not a .safetensors file" in bad["error"]

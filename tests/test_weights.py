@@ -61,7 +61,7 @@ def test_a_download_of_another_revision_or_an_unfinished_one_does_not_count(tmp_
 
 def test_unknown_condition_lists_the_known_ones():
     with pytest.raises(ValueError, match="canny"):
-        weights.components("depth")
+        weights.components("lineart")
 
 
 def test_download_fails_fast_offline_and_names_what_it_tried(tmp_path):

@@ -19,7 +19,7 @@ from controlnet_aux.mlsd.utils import pred_lines
 
 from models import default_device
 from models.detectors import require_files
-from models.image import to_three_channels
+from models.image import binary_map_problem, to_three_channels
 
 WEIGHTS_FILE = "mlsd_large_512_fp32.pth"  # as named in lllyasviel/Annotators
 # The network halves the image four times and concatenates skip connections, so both sides must be
@@ -28,6 +28,8 @@ _NETWORK_MULTIPLE = 64
 
 
 class HoughDetector:
+    map_problem = staticmethod(binary_map_problem)  # an uploaded map must be lines: white on black
+
     def __init__(self, model: torch.nn.Module):
         # Anything pred_lines accepts: a module with parameters (it reads their device) that maps a
         # 1x4xHxW batch to the 1x9x(H/2)x(W/2) centre/displacement map.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.image import to_three_channels
+from models.image import binary_map_problem, to_three_channels
 
 STROKE_BELOW = 127  # darkest channel < this is ink on light paper
 # The paper is judged on a band around the edge: people draw in the middle, and the band is wide
@@ -19,6 +19,8 @@ BORDER_FRACTION = 0.05
 
 
 class ScribbleDetector:
+    map_problem = staticmethod(binary_map_problem)  # an uploaded map must be strokes: white on black
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if _dark_paper(image):
             image = 255 - image

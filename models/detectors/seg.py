@@ -14,6 +14,7 @@ import torch
 from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
 
 from models.detectors import load_transformers
+from models.image import palette_map_problem
 
 # Files of openmmlab/upernet-convnext-small on main. Its weights are pickle-only there (the safetensors copy
 # is an unmerged pull request); transformers reads them with torch.load(weights_only=True).
@@ -67,6 +68,10 @@ class SegDetector:
         # Logits are upsampled to the input size before the argmax, so class borders stay smooth.
         labels = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0]
         return ADE20K_PALETTE[labels.cpu().numpy()]
+
+    @staticmethod
+    def map_problem(control_map: np.ndarray) -> str | None:
+        return palette_map_problem(control_map, ADE20K_PALETTE)
 
     @classmethod
     def from_weights(cls, folder: Path) -> "SegDetector":

@@ -1,29 +1,43 @@
+"""The controlnet-hed image. ControlNet 1.0's hed: HED soft edges at detect_resolution."""
+
 from typing import List, Optional
 
-from cog import Input, Path
+from cog import Path
 
-from cog_base import ControlNetPredictor
-from models.detectors.hed import HedDetector
+from cog_base import ControlNetPredictor, Inputs
 
 
 class Predictor(ControlNetPredictor):
     condition = "hed"
-    detector_class = HedDetector
-    map_interpolation = "bilinear"
-    extra_inputs = ("detect_resolution",)
+    detector = "models.detectors.hed:HedDetector"
 
     def predict(
         self,
-        image: Path = Input(description="Input image"),
-        prompt: str = Input(description="Prompt for the model"),
-        num_samples: str = Input(description="Number of samples (higher values may OOM)", choices=["1", "4"], default="1"),
-        image_resolution: str = Input(description="Resolution of image, short side (aspect kept, sides rounded to multiples of 64)", choices=["256", "512", "768"], default="512"),
-        ddim_steps: int = Input(description="Steps", default=20, ge=1, le=100),
-        scale: float = Input(description="Scale for classifier-free guidance", default=9.0, ge=0.1, le=30.0),
-        seed: Optional[int] = Input(description="Seed; random when empty or -1. The seed used is printed in the logs", default=None, ge=-1, le=4294967295),
-        eta: float = Input(description="DDIM eta: the amount of noise added at each denoising step", default=0.0, ge=0.0, le=1.0),
-        a_prompt: str = Input(description="Additional text appended to the prompt", default="best quality, extremely detailed"),
-        n_prompt: str = Input(description="Negative prompt", default="longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality"),
-        detect_resolution: int = Input(description="Resolution at which the detector runs (short side)", default=512, ge=128, le=1024),
+        image: Optional[Path] = Inputs.image_or_input_image,
+        prompt: str = Inputs.prompt,
+        num_samples: str = Inputs.num_samples,
+        image_resolution: str = Inputs.image_resolution,
+        ddim_steps: int = Inputs.ddim_steps,
+        scale: float = Inputs.scale,
+        seed: Optional[int] = Inputs.seed,
+        eta: float = Inputs.eta,
+        a_prompt: str = Inputs.a_prompt,
+        n_prompt: str = Inputs.n_prompt,
+        detect_resolution: int = Inputs.detect_resolution,
+        input_image: Optional[Path] = Inputs.input_image,
+        controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
+        guess_mode: bool = Inputs.guess_mode,
+        control_guidance_start: float = Inputs.control_guidance_start,
+        control_guidance_end: float = Inputs.control_guidance_end,
+        scheduler: str = Inputs.scheduler,
+        control_image_is_map: bool = Inputs.control_image_is_map,
+        return_control_map: bool = Inputs.return_control_map,
+        preprocess_only: bool = Inputs.preprocess_only,
+        width: int = Inputs.width,
+        height: int = Inputs.height,
+        lora_url: str = Inputs.lora_url,
+        lora_scale: float = Inputs.lora_scale,
+        embedding_url: str = Inputs.embedding_url,
+        embedding_token: str = Inputs.embedding_token,
     ) -> List[Path]:
         return self.predict_with(locals())

@@ -1,0 +1,114 @@
+"""Every input any condition image serves, defined once (the pattern of replicate/cog-flux).
+
+A predictor's literal signature refers to these: `prompt: str = Inputs.prompt`. Cog's runtime
+reads the `Input(...)` objects as the parameters' defaults, and Cog's static schema parser (`cog
+build`) resolves the class attribute, so each served schema is built from this one definition.
+Values stay literal here because that parser reads literals, not module constants.
+
+The first group and its defaults are jagilley/controlnet-*'s, so their clients switch unchanged;
+every input after it is optional, and its default reproduces the jagilley behaviour exactly.
+Only cog is imported: the HTTP process imports the predictor module just to read its schema.
+"""
+
+from cog import Input
+
+
+class Inputs:
+    # -- jagilley/controlnet-*, in their order -------------------------------------------------
+    image = Input(description="Input image (URL or data: URI)")
+    prompt = Input(description="Prompt for the model")
+    num_samples = Input(description="Number of samples (higher values may OOM)", choices=["1", "4"], default="1")
+    image_resolution = Input(
+        description="Resolution of image, short side (aspect kept, sides rounded to multiples of 64)",
+        choices=["256", "512", "768"], default="512",
+    )
+    ddim_steps = Input(description="Steps", default=20, ge=1, le=100)
+    scale = Input(description="Scale for classifier-free guidance", default=9.0, ge=0.1, le=30.0)
+    seed = Input(
+        description="Seed; random when empty, 0 or -1 (as the originals). The seed used is printed in the logs",
+        default=None, ge=-1, le=4294967295,
+    )
+    eta = Input(description="DDIM eta: the amount of noise added at each denoising step", default=0.0, ge=0.0, le=1.0)
+    a_prompt = Input(description="Additional text appended to the prompt", default="best quality, extremely detailed")
+    n_prompt = Input(
+        description="Negative prompt",
+        default="longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality",
+    )
+
+    # -- per-condition detector options (a condition lists the ones it takes) -----------------
+    detect_resolution = Input(description="Resolution at which the detector runs (short side)", default=512, ge=128, le=1024)
+    low_threshold = Input(description="Canny low threshold", default=100, ge=1, le=255)
+    high_threshold = Input(description="Canny high threshold", default=200, ge=1, le=255)
+    value_threshold = Input(description="M-LSD value threshold: higher finds fewer lines", default=0.1, ge=0.01, le=2.0)
+    distance_threshold = Input(description="M-LSD distance threshold: shorter lines are dropped", default=0.1, ge=0.01, le=20.0)
+    bg_threshold = Input(
+        description="Normalised depth below which a pixel is background (flat normal)", default=0.0, ge=0.0, le=1.0
+    )
+    # The published jagilley/controlnet-hed names its image `input_image`; that image takes either.
+    image_or_input_image = Input(description="Input image (URL or data: URI); or send it as input_image", default=None)
+    input_image = Input(description="Same as image (the name jagilley/controlnet-hed clients send)", default=None)
+
+    # -- controls diffusers, ControlNet 1.1 and A1111 have (every image) -------------------------
+    controlnet_conditioning_scale = Input(
+        description="Control strength: how strongly the control map steers the image (0 = not at all)",
+        default=1.0, ge=0.0, le=2.0,
+    )
+    guess_mode = Input(
+        description="Guess mode: the ControlNet steers only the prompted branch and recognises the content "
+        "without a prompt; use a low scale (3-5)",
+        default=False,
+    )
+    control_guidance_start = Input(
+        description="Fraction of the steps after which the ControlNet starts acting", default=0.0, ge=0.0, le=1.0
+    )
+    control_guidance_end = Input(
+        description="Fraction of the steps after which the ControlNet stops acting (must exceed the start)",
+        default=1.0, ge=0.0, le=1.0,
+    )
+    scheduler = Input(
+        description="Sampler. DDIM is ControlNet 1.0's (eta applies to DDIM only); UniPC and DPM++ reach "
+        "similar quality in fewer steps",
+        choices=["DDIM", "UniPC", "DPM++ 2M", "DPM++ 2M Karras", "Euler a"], default="DDIM",
+    )
+    control_image_is_map = Input(
+        description="The image already is a control map for this condition: skip the detector", default=False
+    )
+    return_control_map = Input(description="Return the control map as the first output", default=True)
+    preprocess_only = Input(
+        description="Only compute and return the control map; no image is generated", default=False
+    )
+    width = Input(
+        description="Exact output width in pixels (0 = from image_resolution). With only one of width/height, "
+        "the other keeps the image's aspect",
+        default=0, ge=0, le=2048,
+    )
+    height = Input(
+        description="Exact output height in pixels (0 = from image_resolution)", default=0, ge=0, le=2048
+    )
+
+    # -- your own style, per request -------------------------------------------------------------
+    # Strings, not files: the server fetches them into its own bounded cache (Cog would re-download
+    # a file input on every request, with no size bound).
+    lora_url = Input(
+        description="An SD 1.5 LoRA .safetensors (diffusers/PEFT or kohya format) as an http(s) URL or data: URI; "
+        "cached by URL",
+        default="",
+    )
+    lora_scale = Input(description="How strongly the LoRA applies (0 = not at all)", default=1.0, ge=0.0, le=2.0)
+    embedding_url = Input(
+        description="A textual-inversion embedding .safetensors as an http(s) URL or data: URI", default=""
+    )
+    embedding_token = Input(
+        description="The token the prompt uses for the embedding, e.g. <my-style>", default=""
+    )
+
+
+# The order every signature follows: these first, then the condition's detector options, then CONTROLS.
+JAGILLEY_INPUTS = (
+    "image", "prompt", "num_samples", "image_resolution", "ddim_steps", "scale", "seed", "eta", "a_prompt", "n_prompt",
+)
+CONTROLS = (
+    "controlnet_conditioning_scale", "guess_mode", "control_guidance_start", "control_guidance_end", "scheduler",
+    "control_image_is_map", "return_control_map", "preprocess_only", "width", "height",
+    "lora_url", "lora_scale", "embedding_url", "embedding_token",
+)

@@ -1,0 +1,371 @@
+"""Narrow fixes to Cog 0.16.12's own HTTP server, installed from inside it.
+
+The image runs Cog's entry point unchanged (`python -m cog.server.http`), and Cog imports the
+predictor module (hence this package) in its HTTP process to read the schema and again in the
+prediction worker it spawns. `install()` adjusts, in whichever of the two processes it runs:
+
+HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
+- a guard in front of the app: a body that is not `{"input": {...}}` gets 422 with what to send
+  (Cog answers `{}`, `null` and `{"input": null}` with 500 from an unhandled ValidationError in
+  `_predict`); bodies over a bound get 413; `POST /shutdown` is refused unless the client is on
+  loopback (Cog lets anyone who reaches the port stop the server);
+- image URLs are fetched with a byte and time bound, every redirect checked, the optional
+  private-address block of models.urls, and no 0-byte temp file left after a failure
+  (`URLPath.convert` copies an unbounded stream into a temp file it never removes on error);
+- webhooks are sent from a per-prediction thread with timeouts and two retries at most: Cog sends
+  them on its event loop with no timeout and retries the final one for ~320 s, during which the
+  prediction cannot finish and every other client gets 409;
+- SIGTERM/SIGINT set the shutdown event from a fresh thread (Cog's handler takes a lock inside a
+  signal handler) and a watchdog ends the process 9 s after the first signal if it is still up.
+
+Both (cog/types.py)
+- a file input that is not a string gets 422 instead of a 500 from inside Cog's validator.
+
+Prediction worker (cog/server/worker.py)
+- a client's input mistake (a ValueError raised by the predictor) is printed to the logs as one
+  line, its traceback only to the server's own stream; any other failure keeps Cog's traceback.
+
+Every fix is tested through the real server (tests/test_serving.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+from pathlib import Path
+
+MAX_BODY_BYTES = int(float(os.environ.get("CONTROLNET_MAX_BODY_MB", "64")) * 2**20)
+IMAGE_MAX_BYTES = int(float(os.environ.get("CONTROLNET_IMAGE_MAX_MB", "50")) * 2**20)
+IMAGE_TIMEOUT_S = float(os.environ.get("CONTROLNET_IMAGE_TIMEOUT_S", "30"))
+WEBHOOK_TIMEOUT = (3.0, 5.0)  # connect, read
+WEBHOOK_RETRIES = 2  # the final webhook only; at most ~3 x 8 s, on a thread of its own
+STOP_WATCHDOG_S = 9.0
+REQUEST_ROUTES = ("/predictions", "/trainings")
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    if _running_cog_http():
+        _patch_http_main(sys.modules["__main__"])
+        _patch_url_inputs()
+        _patch_webhooks()
+    _patch_path_validation()
+    _patch_worker_tracebacks()
+
+
+def _running_cog_http() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "cog.server.http"
+
+
+# -- the guard ------------------------------------------------------------------------------------
+
+def _json_response(status: int, detail):
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return status, headers, body
+
+
+def _body_problem(raw: bytes) -> str | None:
+    """Why a prediction/training body is not one Cog can take, or None."""
+    try:
+        body = json.loads(raw) if raw.strip() else None
+    except ValueError:
+        return "the body is not valid JSON; send {\"input\": {...}}"
+    if not isinstance(body, dict):
+        return "the body must be a JSON object: {\"input\": {...}}"
+    if not isinstance(body.get("input"), dict):
+        return "the body needs an \"input\" object holding the inputs: {\"input\": {\"image\": ..., \"prompt\": ...}}"
+    return None
+
+
+class Guard:
+    """ASGI middleware in front of Cog's FastAPI app."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if path == "/shutdown" and method == "POST" and not _shutdown_allowed(scope):
+            return await _reply(send, *_json_response(
+                403, "POST /shutdown is not accepted from this client (CONTROLNET_SHUTDOWN_FROM); stop the "
+                "container or process instead"))
+        if method in ("POST", "PUT") and path.startswith(REQUEST_ROUTES) and not path.endswith("/cancel"):
+            raw, too_big = await _read_body(receive)
+            if too_big:
+                return await _reply(send, *_json_response(
+                    413, f"the body is over {MAX_BODY_BYTES // 2**20} MiB; send large images as URLs"))
+            problem = _body_problem(raw)
+            if problem:
+                detail = [{"loc": ["body"], "msg": problem, "type": "value_error"}]
+                return await _reply(send, *_json_response(422, detail))
+            return await self.app(scope, _replay(raw), send)
+        return await self.app(scope, receive, send)
+
+
+def _shutdown_allowed(scope) -> bool:
+    """CONTROLNET_SHUTDOWN_FROM: loopback (default), any, or none."""
+    policy = os.environ.get("CONTROLNET_SHUTDOWN_FROM", "loopback").strip().lower()
+    if policy in ("any", "none"):
+        return policy == "any"
+    client = (scope.get("client") or ("",))[0]
+    return client == "::1" or client.startswith("127.")
+
+
+async def _read_body(receive) -> tuple[bytes, bool]:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return b"", True
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks), False
+
+
+def _replay(raw: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _reply(send, status, headers, body) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _patch_http_main(main) -> None:
+    server_class = main.Server
+
+    class GuardedServer(server_class):
+        def __init__(self, config):
+            config.app = Guard(config.app)
+            super().__init__(config=config)
+
+    main.Server = GuardedServer
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if previous is signal.default_int_handler:
+            # Python's own SIGINT handler raises KeyboardInterrupt in the main thread, which Cog's
+            # main() turns into a stop: keep it, and only add the watchdog.
+            signal.signal(signum, _watching(previous))
+        elif callable(previous):
+            signal.signal(signum, _stop_handler(previous))
+
+
+def _stop_handler(previous):
+    def handler(signum, frame):
+        # Setting a threading.Event takes a lock the interrupted main thread may hold; a thread
+        # does it safely. The watchdog makes sure the process (and its port) goes away.
+        threading.Thread(target=previous, args=(signum, frame), daemon=True).start()
+        _start_watchdog()
+
+    return handler
+
+
+def _watching(previous):
+    def handler(signum, frame):
+        _start_watchdog()
+        previous(signum, frame)
+
+    return handler
+
+
+_watchdog_started = False
+
+
+def _start_watchdog() -> None:
+    global _watchdog_started
+    if _watchdog_started:
+        return
+    _watchdog_started = True
+
+    def watchdog():
+        time.sleep(STOP_WATCHDOG_S)
+        print(f"controlnet-cog: still running {STOP_WATCHDOG_S:.0f}s after the stop signal; exiting now", file=sys.stderr, flush=True)
+        for child in _children():
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
+        os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+
+
+def _children() -> list[int]:
+    try:
+        text = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text()
+    except OSError:
+        return []
+    return [int(pid) for pid in text.split()]
+
+
+# -- image URLs -----------------------------------------------------------------------------------
+
+def _patch_path_validation() -> None:
+    """A file input sent as a JSON object, list or number reached urllib inside Cog's validator and
+    raised AttributeError, i.e. HTTP 500 (found by tests/test_fuzz.py): make it a 422 that says what
+    to send. The input models are built after this module is imported, so they bind this validator."""
+    import pathlib
+
+    from cog import types as cog_types
+
+    original = cog_types.Path.validate.__func__
+
+    def validate(cls, value):
+        if not isinstance(value, (str, pathlib.Path)):
+            raise ValueError("a file input must be a string: an http(s) URL or a data: URI")
+        return original(cls, value)
+
+    cog_types.Path.validate = classmethod(validate)
+
+
+def _patch_url_inputs() -> None:
+    from cog import types as cog_types
+
+    from models.urls import URLError, download
+
+    def convert(self):
+        if self._path is None:
+            dest = Path(tempfile.mkdtemp(prefix="cog-input-")) / (self.filename or "input")
+            try:
+                if str(self.source).startswith("data:"):  # already decoded, bounded by the body size
+                    with open(dest, "wb") as out:
+                        shutil.copyfileobj(self.fileobj, out)
+                else:
+                    download(self.source, dest, "image URL", IMAGE_MAX_BYTES, IMAGE_TIMEOUT_S)
+            except URLError as exc:
+                shutil.rmtree(dest.parent, ignore_errors=True)
+                raise ValueError(str(exc)) from None
+            self._path = dest
+        return self._path
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        if self._path:
+            self._path.unlink(missing_ok=True)
+            try:
+                self._path.parent.rmdir()
+            except OSError:
+                pass
+
+    cog_types.URLPath.convert = convert
+    cog_types.URLPath.unlink = unlink
+
+
+# -- webhooks -------------------------------------------------------------------------------------
+
+def _patch_webhooks() -> None:
+    from cog.server import runner as cog_runner
+    from cog.server import webhook as cog_webhook
+
+    cog_runner.webhook_caller_filtered = lambda url, events: _webhook_sender(url, events, cog_webhook)
+
+
+def _webhook_sender(url: str, events_filter, cog_webhook):
+    import requests
+    from fastapi.encoders import jsonable_encoder
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    from cog.schema import Status
+
+    throttler = cog_webhook.ResponseThrottler(response_interval=cog_webhook._response_interval)
+    session = cog_webhook.requests_session()  # Cog's headers: user agent, trace context, auth token
+    retrying = cog_webhook.requests_session()
+    adapter = HTTPAdapter(max_retries=Retry(total=WEBHOOK_RETRIES, backoff_factor=0.2,
+                                            status_forcelist=[429, 500, 502, 503, 504], allowed_methods=["POST"]))
+    retrying.mount("http://", adapter)
+    retrying.mount("https://", adapter)
+    outbox: queue.Queue = queue.Queue()
+
+    def deliver():
+        while True:
+            payload, terminal = outbox.get()
+            try:
+                (retrying if terminal else session).post(url, json=payload, timeout=WEBHOOK_TIMEOUT)
+            except requests.RequestException as exc:
+                print(f"controlnet-cog: webhook to {url.split('?')[0]} failed ({type(exc).__name__}); the prediction "
+                      "is unaffected", file=sys.stderr, flush=True)
+            if terminal:
+                return
+
+    threading.Thread(target=deliver, daemon=True, name="webhook").start()
+
+    def caller(response, event) -> None:
+        if event not in events_filter or not throttler.should_send_response(response):
+            return
+        # Encoded now: the response object keeps changing after this event.
+        payload = jsonable_encoder(response.model_dump(exclude_unset=True))
+        outbox.put((payload, Status.is_terminal(response.status)))
+        throttler.update_last_sent_response_time()
+
+    return caller
+
+
+# -- worker logs ----------------------------------------------------------------------------------
+
+def _patch_worker_tracebacks() -> None:
+    try:
+        from cog.server import worker as cog_worker
+    except ImportError:
+        return
+    shim = types.SimpleNamespace(**{name: getattr(traceback, name) for name in dir(traceback) if not name.startswith("__")})
+
+    def print_exc(*args, **kwargs):
+        error = sys.exc_info()[1]
+        if isinstance(error, ValueError) and not isinstance(error, UnicodeError):
+            print(f"Input error: {error}", file=sys.stderr, flush=True)
+            stream = _server_stream()
+            if stream is not None:
+                traceback.print_exc(file=stream)
+                stream.flush()
+            return
+        traceback.print_exc(*args, **kwargs)
+
+    shim.print_exc = print_exc
+    cog_worker.traceback = shim
+
+
+def _server_stream():
+    """The worker's original stderr, which Cog's stream redirector keeps beside the captured one:
+    what is written there reaches the server's log but not the prediction's logs."""
+    import gc
+
+    from cog.server.helpers import StreamRedirector
+
+    for obj in gc.get_objects():
+        if isinstance(obj, StreamRedirector):
+            for wrapped in getattr(obj, "_streams", []):
+                if wrapped.name == "<stderr>":
+                    return getattr(wrapped, "_original_fp", None)
+    return None

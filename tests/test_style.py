@@ -1,0 +1,284 @@
+"""LoRA and textual inversion per request, a fine-tuned base at setup, and bad assets, on tiny models.
+
+The LoRAs (diffusers/PEFT and kohya key formats) and the embedding are made here for the tiny UNet and
+text encoder, and served from a local HTTP server on 127.0.0.1, as a user's file host would serve them.
+"""
+
+import base64
+import functools
+import http.server
+import shutil
+import socket
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from models.assets import AssetCache, AssetError
+from tests.conftest import predictor_class
+
+FAST = dict(ddim_steps=2, image_resolution="256", seed=21)
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class Host:
+    """A file host on loopback that counts requests per path and can hang."""
+
+    def __init__(self, folder):
+        self.folder, self.hits = folder, {}
+        host = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(folder), **kw)
+
+            def do_GET(self):
+                host.hits[self.path] = host.hits.get(self.path, 0) + 1
+                if self.path.startswith("/hang"):
+                    time.sleep(30)
+                    return
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+
+@pytest.fixture(scope="module")
+def canny(tmp_path_factory):
+    import os
+
+    os.environ["CONTROLNET_ASSET_CACHE"] = str(tmp_path_factory.mktemp("asset-cache"))
+    p = predictor_class("canny")()
+    p.setup()
+    return p
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory, canny):
+    folder = tmp_path_factory.mktemp("host")
+    unet = canny.runner.pipe.unet
+    names = [n for n, _ in unet.named_modules() if n.endswith(ATTENTION) and ".attn" in n]
+    g = torch.Generator().manual_seed(3)
+
+    def lora(fmt, gain):
+        state = {}
+        for name in names:
+            layer = unet.get_submodule(name)
+            down = torch.randn(4, layer.in_features, generator=g) * gain
+            up = torch.randn(layer.out_features, 4, generator=g) * gain
+            if fmt == "peft":
+                state |= {f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up}
+            else:
+                key = "lora_unet_" + name.replace(".", "_")
+                state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(4.0)}
+        return state
+
+    save_file(lora("peft", 1.0), folder / "style-a.safetensors")
+    save_file(lora("kohya", 1.0), folder / "style-b-kohya.safetensors")
+    # SDXL's UNet has blocks and widths SD 1.5's has not.
+    save_file({"unet.down_blocks.1.attentions.1.transformer_blocks.5.attn1.to_q.lora_A.weight": torch.randn(4, 640),
+               "unet.down_blocks.1.attentions.1.transformer_blocks.5.attn1.to_q.lora_B.weight": torch.randn(640, 4)},
+              folder / "sdxl-lora.safetensors")
+    width = canny.runner.pipe.text_encoder.config.hidden_size
+    save_file({"emb_params": torch.randn(1, width, generator=g) * 3}, folder / "embedding.safetensors")
+    Image.new("RGB", (8, 8)).save(folder / "not-a-lora.png")
+    (folder / "big.safetensors").write_bytes(b"\0" * (3 * 2**20))
+    return Host(folder)
+
+
+@pytest.fixture(scope="module")
+def baseline(canny, tmp_path_factory):
+    """An input and the samples the stock pipeline makes of it, before any asset was used."""
+    from tests.conftest import drawing
+
+    path = tmp_path_factory.mktemp("baseline") / "input.png"
+    drawing().save(path)
+    return path, sample(canny, path)
+
+
+def sample(predictor, image, prompt="a house", **kwargs) -> np.ndarray:
+    files = predictor.generate(image, prompt, **(FAST | kwargs))
+    return np.asarray(Image.open(files[-1])).astype(np.int16)
+
+
+def mean_diff(a, b) -> float:
+    return float(np.abs(a - b).mean())
+
+
+def lora_layers(pipe) -> int:
+    return sum(1 for name, _ in pipe.unet.named_modules() if "lora_A" in name)
+
+
+def test_lora_changes_the_output_grows_with_scale_and_scale_zero_is_none(canny, host, image_file):
+    path = image_file()
+    base = sample(canny, path)
+    url = host.url("style-a.safetensors")
+    zero = sample(canny, path, lora_url=url, lora_scale=0.0)
+    one = sample(canny, path, lora_url=url, lora_scale=1.0)
+    two = sample(canny, path, lora_url=url, lora_scale=2.0)
+    assert np.abs(zero - base).max() <= 1
+    assert mean_diff(two, base) > mean_diff(one, base) > 0.5
+
+
+def test_kohya_lora_and_switching_leave_one_lora_loaded(canny, host, image_file):
+    path = image_file()
+    a = sample(canny, path, lora_url=host.url("style-a.safetensors"))
+    b = sample(canny, path, lora_url=host.url("style-b-kohya.safetensors"))
+    assert mean_diff(a, b) > 0.5
+    assert canny.runner.pipe.get_list_adapters() == {"unet": ["request"]}
+    a_again = sample(canny, path, lora_url=host.url("style-a.safetensors"))
+    np.testing.assert_array_equal(a, a_again)
+
+
+def test_no_lora_after_a_lora_is_bit_identical_to_never_having_one(image_file, host, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
+    fresh = predictor_class("canny")()
+    fresh.setup()
+    path = image_file()
+    before = sample(fresh, path)
+    sample(fresh, path, lora_url=host.url("style-a.safetensors"))
+    sample(fresh, path, lora_url=host.url("style-b-kohya.safetensors"))
+    after = sample(fresh, path)
+    np.testing.assert_array_equal(before, after)
+    assert lora_layers(fresh.runner.pipe) == 0
+
+
+def test_a_repeated_url_is_not_downloaded_again(canny, host, image_file):
+    (host.folder / "once.safetensors").write_bytes((host.folder / "style-a.safetensors").read_bytes())
+    url = host.url("once.safetensors")
+    sample(canny, image_file(), lora_url=url)
+    sample(canny, image_file())  # unloads it
+    sample(canny, image_file(), lora_url=url)
+    assert host.hits["/once.safetensors"] == 1
+
+
+def test_a_lora_as_data_uri(canny, host, image_file):
+    raw = (host.folder / "style-a.safetensors").read_bytes()
+    uri = "data:application/octet-stream;base64," + base64.b64encode(raw).decode()
+    by_uri = sample(canny, image_file(), lora_url=uri)
+    by_url = sample(canny, image_file(), lora_url=host.url("style-a.safetensors"))
+    np.testing.assert_array_equal(by_uri, by_url)
+
+
+def test_the_embedding_changes_the_output_only_when_the_prompt_uses_its_token(canny, host, image_file):
+    path = image_file()
+    emb = dict(embedding_url=host.url("embedding.safetensors"), embedding_token="<cottage>")
+    plain = sample(canny, path, "a house")
+    unused = sample(canny, path, "a house", **emb)
+    used = sample(canny, path, "a <cottage> house", **emb)
+    np.testing.assert_array_equal(plain, unused)
+    assert mean_diff(used, plain) > 0.1  # the tiny text encoder steers weakly: changing a word moves ~0.2
+    vocabulary = len(canny.runner.pipe.tokenizer)
+    np.testing.assert_array_equal(plain, sample(canny, path, "a house"))
+    assert len(canny.runner.pipe.tokenizer) == vocabulary  # the token was removed again
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("not-a-lora.png", {}, "not a .safetensors file"),
+        ("sdxl-lora.safetensors", {}, "not a LoRA for Stable Diffusion 1.5"),
+        ("missing.safetensors", {}, "answered HTTP 404"),
+        ("big.safetensors", {}, "send at most 1 MiB"),
+        ("hang", {}, "did not answer in time"),
+        ("embedding.safetensors", {"embedding_token": "a"}, "Use a token that is not a word"),
+    ],
+)
+def test_bad_assets_fail_with_what_to_send_and_leave_the_server_unaffected(canny, host, baseline, name, kwargs, message):
+    path, before = baseline
+    canny.assets.max_file_bytes, canny.assets.timeout_s = 2**20, 2.0
+    field = "embedding_url" if kwargs else "lora_url"
+    try:
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=message) as error:
+            canny.generate(path, "a house", **FAST, **{field: host.url(name)}, **kwargs)
+        assert time.monotonic() - started < 20
+        assert str(host.folder) not in str(error.value)
+    finally:
+        canny.assets.max_file_bytes, canny.assets.timeout_s = 2**30, 120.0
+    np.testing.assert_array_equal(before, sample(canny, path))
+    assert lora_layers(canny.runner.pipe) == 0
+
+
+def test_embedding_url_needs_its_token(canny, host, image_file):
+    with pytest.raises(ValueError, match="embedding_url and embedding_token go together"):
+        canny.generate(image_file(), "a house", embedding_url=host.url("embedding.safetensors"), **FAST)
+
+
+def test_asset_cache_evicts_the_least_recently_used(tmp_path):
+    cache = AssetCache(tmp_path, max_bytes=2500)
+
+    def uri(fill):
+        return "data:;base64," + base64.b64encode(bytes([fill]) * 1000).decode()
+
+    first = cache.fetch(uri(1), "x")
+    second = cache.fetch(uri(2), "x")
+    time.sleep(0.01)
+    cache.fetch(uri(1), "x")  # used again: now the most recent
+    time.sleep(0.01)
+    third = cache.fetch(uri(3), "x")
+    assert first.exists() and third.exists() and not second.exists()
+    with pytest.raises(AssetError, match="http"):
+        cache.fetch("/etc/passwd", "lora_url")
+
+
+# -- a fine-tuned base at setup ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, canny):
+    """The tiny base with a retrained UNet, as a diffusers folder, packed as a tar."""
+    folder = tmp_path_factory.mktemp("finetuned") / "my-model"
+    unet = canny.runner.pipe.unet
+    tuned = type(unet).from_config(unet.config)
+    torch.manual_seed(99)
+    tuned.save_pretrained(folder / "unet")
+    archive = folder.parent / "my-model.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(folder, arcname="my-model")
+    return archive
+
+
+def setup_with(monkeypatch, tmp_path, cog_weights):
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
+    if cog_weights is None:
+        monkeypatch.delenv("COG_WEIGHTS", raising=False)
+    else:
+        monkeypatch.setenv("COG_WEIGHTS", str(cog_weights))
+    p = predictor_class("canny")()
+    p.setup()
+    return p
+
+
+def test_a_fine_tuned_base_replaces_the_unet_and_keeps_the_controlnet(monkeypatch, tmp_path, canny, finetuned, host, image_file, capsys):
+    path = image_file()
+    stock = sample(canny, path)
+    shutil.copy(finetuned, host.folder / "my-model.tar")
+    for source in (finetuned, host.url("my-model.tar")):
+        tuned = setup_with(monkeypatch, tmp_path, source)
+        log = capsys.readouterr().out
+        assert "base from COG_WEIGHTS (my-model.tar)" in log and str(tmp_path) not in log
+        assert mean_diff(sample(tuned, path), stock) > 0.5
+        assert tuned.runner.pipe.controlnet.config == canny.runner.pipe.controlnet.config
+    np.testing.assert_array_equal(sample(setup_with(monkeypatch, tmp_path, None), path), stock)
+
+
+def test_a_base_that_is_not_a_checkpoint_fails_setup_clearly(monkeypatch, tmp_path, host):
+    with pytest.raises(ValueError, match="not a .safetensors file"):
+        setup_with(monkeypatch, tmp_path, host.folder / "not-a-lora.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no unet/config.json"):
+        setup_with(monkeypatch, tmp_path, tmp_path / "empty")
+    with pytest.raises(ValueError, match="no such file or folder"):
+        setup_with(monkeypatch, tmp_path, tmp_path / "nowhere")
