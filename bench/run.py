@@ -213,11 +213,15 @@ def stages(args, clock, pipe, runner, rgb, steps: int) -> dict:
     prompt, device = f"{PROMPT}, {A_PROMPT}", pipe.device
     parts = {}
 
+    from models.image import target_size
+
+    size = target_size(*rgb.shape[:2], args.resolution)
+
     def detector():
-        return runner.control_map(rgb, args.resolution, 512, low_threshold=100, high_threshold=200)
+        return runner.control_map(rgb, size, 512, low_threshold=100, high_threshold=200)
 
     def text():
-        return pipe.encode_prompt(prompt, device, 1, True, N_PROMPT)
+        return pipe.encode_prompt(prompt, device, 1, True, negative_prompt=N_PROMPT)
 
     control = detector()
     embeds, negative = text()

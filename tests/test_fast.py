@@ -13,7 +13,8 @@ import torch
 import weights
 from models import fast
 from models.detectors.canny import CannyDetector
-from models.pipeline import ControlNetRunner, load_pipeline
+from models.image import target_size
+from models.pipeline import ControlNetRunner, Request, load_pipeline
 
 from conftest import drawing
 
@@ -28,8 +29,10 @@ def runner(options=(), log=print):
 
 
 def sample(run, seed=7, num_samples=1, negative="lowres, bad anatomy"):
-    result = run(np.asarray(drawing()), prompt="a house", negative_prompt=negative, num_samples=num_samples,
-                 image_resolution=256, steps=2, guidance_scale=9.0, eta=0.0, seed=seed)
+    rgb = np.asarray(drawing())
+    control = run.control_map(rgb, target_size(*rgb.shape[:2], 256), 512)
+    result = run.generate(control, Request(prompt="a house", negative_prompt=negative, num_samples=num_samples,
+                                           steps=2, guidance_scale=9.0, eta=0.0, seed=seed))
     return np.stack([np.asarray(img, dtype=np.int16) for img in result.samples])
 
 
