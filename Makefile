@@ -23,6 +23,8 @@ help:
 	@echo "make train PAIRS=pairs.zip          train the custom ControlNet (ARGS='-i max_train_steps=500'); weights -> outputs/"
 	@echo "make serve COND=custom WEIGHTS=x.tar serve a trained ControlNet (MODE=train: serve /trainings instead)"
 	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
+	@echo "make bench [BENCH_ARGS=...]         benchmark, full-size random-weight models (GPU; docs/benchmarks.md)"
+	@echo "make bench-smoke                    the same harness, tiny models on CPU (CI)"
 	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
 	@echo "make playground [COND=canny]        the Cog server + a page to try it in a browser: http://127.0.0.1:7860"
 	@echo "make sample-image                   the quickstart's drawing -> outputs/sample-input.png (for the curl example)"
@@ -80,3 +82,21 @@ stop-trials: tiny-weights
 
 clean:
 	rm -rf build outputs .pytest_cache
+
+# Benchmarks (docs/benchmarks.md). BENCH_ARGS adds to or overrides the harness's options.
+BENCH_ARGS ?=
+.PHONY: bench bench-smoke bench-weights test-compile
+
+bench-weights: install
+	$(PY) -m bench.weights
+
+bench: install
+	$(PY) -m bench.run --size full $(BENCH_ARGS)
+
+# CI: the same harness on the tiny weights on CPU, bounded; fails when a figure is missing.
+bench-smoke: tiny-weights
+	$(PY) -m bench.run --size tiny --device cpu --resolution 256 --steps 2 1 --runs 1 --warmup 0 \
+		--fast negcache,vae_guard,channels_last --lossy 1 --out build/bench/smoke $(BENCH_ARGS)
+
+test-compile: tiny-weights
+	CONTROLNET_TEST_COMPILE=1 $(PY) -m pytest tests/test_fast.py -q
