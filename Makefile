@@ -6,7 +6,7 @@ PROMPT ?= a cozy cottage with a red roof, photorealistic, golden hour
 ARGS ?=
 PY := .venv/bin/python
 
-.PHONY: help quickstart test install tiny-weights weights serve predict image clean soak fuzz
+.PHONY: help quickstart test install tiny-weights weights serve predict image image-test deploy clean soak fuzz
 
 help:
 	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
@@ -15,7 +15,9 @@ help:
 	@echo "make tiny-weights                   write tiny random-weight models (offline, for tests)"
 	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
 	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42 -i num_samples=4')"
-	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
+	@echo "make image COND=canny               build the controlnet-canny image (cog build, or docker build without cog)"
+	@echo "make image-test COND=canny          build a tiny-weights image, run it, predict, stop, clean up (~2-8 min)"
+	@echo "make deploy COND=canny REF=img:tag Knative / Kubernetes manifests into build/deploy/canny/"
 	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
 	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of a real server (the suite runs a short one)"
 
@@ -43,6 +45,13 @@ predict: install
 # Stdlib only: building an image needs no virtualenv here.
 image:
 	python3 -m scripts.build_image $(COND)
+
+# A real container from the staged context with tiny weights; needs root (installs docker.io, debootstrap).
+image-test: tiny-weights
+	$(PY) -m scripts.image_test $(COND)
+
+deploy: install
+	$(PY) -m scripts.deploy_manifests $(COND) $(if $(REF),--image $(REF))
 
 N ?= 1000
 soak: tiny-weights
