@@ -18,6 +18,9 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 - SIGTERM/SIGINT set the shutdown event from a fresh thread (Cog's handler takes a lock inside a
   signal handler) and a watchdog ends the process 9 s after the first signal if it is still up.
 
+Both (cog/types.py)
+- a file input that is not a string gets 422 instead of a 500 from inside Cog's validator.
+
 Prediction worker (cog/server/worker.py)
 - a client's input mistake (a ValueError raised by the predictor) is printed to the logs as one
   line, its traceback only to the server's own stream; any other failure keeps Cog's traceback.
@@ -60,6 +63,7 @@ def install() -> None:
         _patch_http_main(sys.modules["__main__"])
         _patch_url_inputs()
         _patch_webhooks()
+    _patch_path_validation()
     _patch_worker_tracebacks()
 
 
@@ -227,6 +231,24 @@ def _children() -> list[int]:
 
 
 # -- image URLs -----------------------------------------------------------------------------------
+
+def _patch_path_validation() -> None:
+    """A file input sent as a JSON object, list or number reached urllib inside Cog's validator and
+    raised AttributeError, i.e. HTTP 500 (found by tests/test_fuzz.py): make it a 422 that says what
+    to send. The input models are built after this module is imported, so they bind this validator."""
+    import pathlib
+
+    from cog import types as cog_types
+
+    original = cog_types.Path.validate.__func__
+
+    def validate(cls, value):
+        if not isinstance(value, (str, pathlib.Path)):
+            raise ValueError("a file input must be a string: an http(s) URL or a data: URI")
+        return original(cls, value)
+
+    cog_types.Path.validate = classmethod(validate)
+
 
 def _patch_url_inputs() -> None:
     from cog import types as cog_types
