@@ -11,7 +11,7 @@ MODE ?= predict
 PAIRS ?=
 PY := .venv/bin/python
 
-.PHONY: help quickstart test install tiny-weights weights serve predict train image clean playground sample-image soak fuzz stop-trials
+.PHONY: help quickstart test install tiny-weights weights serve predict train image image-test deploy clean playground sample-image soak fuzz stop-trials bench bench-smoke
 
 help:
 	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
@@ -22,9 +22,11 @@ help:
 	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42 -i num_samples=4')"
 	@echo "make train PAIRS=pairs.zip          train the custom ControlNet (ARGS='-i max_train_steps=500'); weights -> outputs/"
 	@echo "make serve COND=custom WEIGHTS=x.tar serve a trained ControlNet (MODE=train: serve /trainings instead)"
-	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
 	@echo "make bench [BENCH_ARGS=...]         benchmark, full-size random-weight models (GPU; docs/benchmarks.md)"
 	@echo "make bench-smoke                    the same harness, tiny models on CPU (CI)"
+	@echo "make image COND=canny               build the controlnet-canny image (cog build, or docker build without cog)"
+	@echo "make image-test COND=canny          build a tiny-weights image, run it, predict, stop, clean up (~2-8 min)"
+	@echo "make deploy COND=canny REF=img:tag Knative / Kubernetes manifests into build/deploy/canny/"
 	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
 	@echo "make playground [COND=canny]        the Cog server + a page to try it in a browser: http://127.0.0.1:7860"
 	@echo "make sample-image                   the quickstart's drawing -> outputs/sample-input.png (for the curl example)"
@@ -67,6 +69,13 @@ train: tiny-weights
 # Stdlib only: building an image needs no virtualenv here.
 image:
 	python3 -m scripts.build_image $(COND)
+
+# A real container from the staged context with tiny weights; needs root (installs docker.io, debootstrap).
+image-test: tiny-weights
+	$(PY) -m scripts.image_test $(COND)
+
+deploy: install
+	$(PY) -m scripts.deploy_manifests $(COND) $(if $(REF),--image $(REF))
 
 N ?= 1000
 soak: tiny-weights
