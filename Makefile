@@ -1,12 +1,17 @@
 # controlnet-cog: one Cog image per ControlNet condition. `make help` lists the targets.
 COND ?= canny
 PORT ?= 5000
+PLAYGROUND_PORT ?= 7860
 IMAGE ?=
 PROMPT ?= a cozy cottage with a red roof, photorealistic, golden hour
 ARGS ?=
+# make serve COND=custom: WEIGHTS (COG_WEIGHTS for the server, a trained tar's URL or path), MODE=train for /trainings
+WEIGHTS ?=
+MODE ?= predict
+PAIRS ?=
 PY := .venv/bin/python
 
-.PHONY: help quickstart test install tiny-weights weights serve predict image clean soak fuzz stop-trials
+.PHONY: help quickstart test install tiny-weights weights serve predict train image image-test deploy clean playground sample-image soak fuzz stop-trials bench bench-smoke
 
 help:
 	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
@@ -15,8 +20,19 @@ help:
 	@echo "make tiny-weights                   write tiny random-weight models (offline, for tests)"
 	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
 	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42 -i num_samples=4')"
-	@echo "make image COND=canny               build the controlnet-canny image (needs cog + Docker)"
+	@echo "make train PAIRS=pairs.zip          train the custom ControlNet (ARGS='-i max_train_steps=500'); weights -> outputs/"
+	@echo "make serve COND=custom WEIGHTS=x.tar serve a trained ControlNet (MODE=train: serve /trainings instead)"
+	@echo "make bench [BENCH_ARGS=...]         benchmark, full-size random-weight models (GPU; docs/benchmarks.md)"
+	@echo "make bench-smoke                    the same harness, tiny models on CPU (CI)"
+	@echo "make image COND=canny               build the controlnet-canny image (cog build, or docker build without cog)"
+	@echo "make image-test COND=canny          build a tiny-weights image, run it, predict, stop, clean up (~2-8 min)"
+	@echo "make deploy COND=canny REF=img:tag Knative / Kubernetes manifests into build/deploy/canny/"
 	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
+	@echo "make playground [COND=canny]        the Cog server + a page to try it in a browser: http://127.0.0.1:7860"
+	@echo "make sample-image                   the quickstart's drawing -> outputs/sample-input.png (for the curl example)"
+	@echo "make install                        the pinned virtualenv (cached in ~/.cache/controlnet-cog; .venv links to it)"
+	@echo "make clean                          remove build/, outputs/ and .pytest_cache (not the venv, not the weights)"
+	@echo "make help                           this list"
 	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of a real server (the suite runs a short one)"
 	@echo "make stop-trials [TRIALS=10]       stop servers by signal (group/server, idle/busy/starting) TRIALS times each"
 
@@ -36,14 +52,30 @@ weights: install
 	$(PY) -m weights.download $(COND)
 
 serve: tiny-weights
-	$(PY) -m scripts.serve $(COND) --port $(PORT)
+	$(PY) -m scripts.serve $(COND) --port $(PORT) --mode $(MODE) --weights "$(WEIGHTS)"
+
+playground: tiny-weights
+	$(PY) -m scripts.playground --cond $(COND) --port $(PLAYGROUND_PORT)
+
+sample-image: install
+	$(PY) -m scripts.quickstart --sample-only
 
 predict: install
 	$(PY) -m scripts.predict --port $(PORT) --name $(COND) --image "$(IMAGE)" --prompt "$(PROMPT)" $(ARGS)
 
+train: tiny-weights
+	$(PY) -m scripts.train --pairs "$(PAIRS)" $(ARGS)
+
 # Stdlib only: building an image needs no virtualenv here.
 image:
 	python3 -m scripts.build_image $(COND)
+
+# A real container from the staged context with tiny weights; needs root (installs docker.io, debootstrap).
+image-test: tiny-weights
+	$(PY) -m scripts.image_test $(COND)
+
+deploy: install
+	$(PY) -m scripts.deploy_manifests $(COND) $(if $(REF),--image $(REF))
 
 N ?= 1000
 soak: tiny-weights
@@ -59,3 +91,21 @@ stop-trials: tiny-weights
 
 clean:
 	rm -rf build outputs .pytest_cache
+
+# Benchmarks (docs/benchmarks.md). BENCH_ARGS adds to or overrides the harness's options.
+BENCH_ARGS ?=
+.PHONY: bench bench-smoke bench-weights test-compile
+
+bench-weights: install
+	$(PY) -m bench.weights
+
+bench: install
+	$(PY) -m bench.run --size full $(BENCH_ARGS)
+
+# CI: the same harness on the tiny weights on CPU, bounded; fails when a figure is missing.
+bench-smoke: tiny-weights
+	$(PY) -m bench.run --size tiny --device cpu --resolution 256 --steps 2 1 --runs 1 --warmup 0 \
+		--fast negcache,vae_guard,channels_last --lossy 1 --out build/bench/smoke $(BENCH_ARGS)
+
+test-compile: tiny-weights
+	CONTROLNET_TEST_COMPILE=1 $(PY) -m pytest tests/test_fast.py -q

@@ -24,8 +24,22 @@ def field(condition: str, name: str) -> str:
     return match.group(1)
 
 
+def has_field(condition: str, name: str) -> bool:
+    return re.search(rf"^\s*{name}:", cog_yaml(condition).read_text(), re.MULTILINE) is not None
+
+
 def pinned_sdk() -> str:
     match = re.search(r"^cog==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
     if not match:
         raise SystemExit("requirements.txt does not pin cog==VERSION")
     return match.group(1)
+
+
+# `build.sdk_version` (which installs the pinned SDK in the image) exists from cog CLI 0.17.0 on; an
+# older CLI rejects the config as having an unknown `build` key.
+MIN_COG_CLI = "0.17.0"
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(n) for n in match.groups()) if match else ()

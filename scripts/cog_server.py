@@ -24,10 +24,11 @@ def free_port() -> int:
 class CogServer:
     def __init__(
         self, condition: str, port: int | None = None, log_path: Path | None = None, env: dict | None = None,
-        args: list[str] | None = None,
+        args: list[str] | None = None, mode: str = "predict", weights: str = "",
     ):
+        """mode "train" serves /trainings (Cog's --x-mode train); weights becomes the server's COG_WEIGHTS."""
         self.condition = condition
-        self.args = list(args or [])
+        self.args = list(args or []) + ["--mode", mode] + (["--weights", weights] if weights else [])
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path or ROOT / "outputs" / f"server-{condition}-{self.port}.log")
@@ -81,6 +82,9 @@ class CogServer:
 
     def predict(self, inputs: dict, timeout: float = 600) -> requests.Response:
         return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+
+    def train(self, inputs: dict, timeout: float = 24 * 3600) -> requests.Response:
+        return requests.post(f"{self.url}/trainings", json={"input": inputs}, timeout=timeout)
 
     def stop(self, timeout: float = 10) -> float:
         """SIGTERM to Cog's HTTP process only (it stops its worker itself; a signal to the whole group

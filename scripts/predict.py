@@ -62,18 +62,21 @@ def predict(url: str, inputs: dict, out_dir: Path, stem: str, timeout: float = 9
     return save_outputs(body["output"], out_dir, stem, with_map=inputs.get("return_control_map", True))
 
 
-def input_schema(url: str) -> dict:
-    """The served Input properties, with enum references resolved (Cog puts choices in components)."""
+def input_schema(url: str, name: str = "Input") -> dict:
+    """The served Input (or TrainingInput) properties, with enum references resolved (Cog puts choices in
+    components)."""
     try:
         schema = requests.get(f"{url}/openapi.json", timeout=30).json()
     except requests.ConnectionError:
         raise SystemExit(f"no Cog server at {url}: start one with `make serve COND=...`") from None
     components = schema["components"]["schemas"]
     props = {}
-    for name, prop in components["Input"]["properties"].items():
+    if name not in components:
+        raise SystemExit(f"the server at {url} has no {name} schema (a training needs `make serve COND=custom MODE=train`)")
+    for key, prop in components[name]["properties"].items():
         for ref in prop.get("allOf", []):
             prop = {**components[ref["$ref"].rsplit("/", 1)[-1]], **prop}
-        props[name] = prop
+        props[key] = prop
     return props
 
 

@@ -38,9 +38,13 @@ def main() -> None:
     parser.add_argument("--cond", default="canny")
     parser.add_argument("--prompt", default="a cozy cottage with a red roof, photorealistic, golden hour")
     parser.add_argument("--image", default=None, help="your own image instead of the generated drawing")
+    parser.add_argument("--sample-only", action="store_true", help="only write the drawing to outputs/sample-input.png")
     args = parser.parse_args()
 
     out_dir = ROOT / "outputs"
+    if args.sample_only:
+        print(sample_image(out_dir / "sample-input.png").relative_to(ROOT))
+        return
     image = Path(args.image) if args.image else sample_image(out_dir / "sample-input.png")
     start = time.monotonic()
     with CogServer(args.cond) as server:

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from scripts.cog_config import ROOT, cog_yaml, field, pinned_sdk
+from scripts.cog_config import ROOT, cog_yaml, field, has_field, pinned_sdk
 
 LINKED = ("cog_base", "models", "predictors", "weights")
 
@@ -31,7 +31,9 @@ def run_dir(condition: str) -> Path:
     return folder
 
 
-def server_command(condition: str, port: int, host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
+def server_command(
+    condition: str, port: int, host: str = "127.0.0.1", mode: str = "predict"
+) -> tuple[list[str], dict[str, str]]:
     import cog
 
     sdk = field(condition, "sdk_version")
@@ -46,7 +48,10 @@ def server_command(condition: str, port: int, host: str = "127.0.0.1") -> tuple[
         "PYTHONUNBUFFERED": "1",
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
     }
-    return [sys.executable, "-m", "cog.server.http", "--host", host], env
+    # Cog routes POST /trainings to train() only in train mode (predict mode sends it to predict()),
+    # which is how the cog CLI's `cog train` and Replicate run trainings: one server per mode.
+    mode_args = ["--x-mode", "train"] if mode == "train" else []
+    return [sys.executable, "-m", "cog.server.http", "--host", host, *mode_args], env
 
 
 def main() -> None:
@@ -55,6 +60,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 keeps every route, /shutdown included, on this machine")
     parser.add_argument("--upload-url", default=None, help="Cog's --upload-url: async outputs are PUT to URL/<name>")
+    parser.add_argument("--mode", choices=("predict", "train"), default="predict",
+                        help="train: serve POST /trainings (the image's cog.yaml must have train:)")
+    parser.add_argument("--weights", default="", help="COG_WEIGHTS for the server: a URL or path of trained weights")
     args = parser.parse_args()
 
     import weights
@@ -69,10 +77,17 @@ def main() -> None:
             f"  Real ones: make weights COND={args.condition}\n" + "!" * 78 + "\n",
             flush=True,
         )
-    command, env = server_command(args.condition, args.port, args.host)
+    if args.mode == "train" and not has_field(args.condition, "train"):
+        raise SystemExit(f"make serve: {args.condition} is not trainable (its cog.yaml has no train:); try COND=custom")
+    command, env = server_command(args.condition, args.port, args.host, args.mode)
     if args.upload_url:
         command += ["--upload-url", args.upload_url]
-    print(f"Cog server for {args.condition} on http://{args.host}:{args.port} ({' '.join(command[1:])})", flush=True)
+    if args.weights:
+        # Relative paths are the user's, but the server runs in build/serve-<cond>/.
+        local = Path(args.weights).expanduser()
+        env["COG_WEIGHTS"] = str(local.resolve()) if local.exists() else args.weights
+    print(f"Cog server for {args.condition} on http://{args.host}:{args.port} ({' '.join(command[1:])})"
+          + (f", COG_WEIGHTS={env['COG_WEIGHTS']}" if env.get("COG_WEIGHTS") else ""), flush=True)
     os.chdir(run_dir(args.condition))
     os.execvpe(command[0], command, env)
 

@@ -15,7 +15,7 @@ if [ ! -f "$venv/.complete" ]; then
   "$PYTHON" -m venv "$venv"
   # torch from PyPI is the CUDA build, which also runs on CPU. A machine-wide pip config may add a
   # find-links folder with a CPU-only torch that PyPI's torchvision cannot load: ignore it.
-  PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+  PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar on \
     -r requirements-dev.txt
   # A stray coglet would make cog 0.16 switch to a server it cannot drive.
   if "$venv/bin/python" -c 'import coglet' 2>/dev/null; then echo "coglet must not be installed" >&2; exit 1; fi

@@ -19,6 +19,9 @@ MANIFEST = json.loads((HERE / "manifest.json").read_text())
 CONDITIONS: tuple[str, ...] = tuple(MANIFEST["conditions"])
 MARKER = ".complete.json"
 TINY = "tiny"
+# Bumped whenever weights/tiny.py writes something different (2: word-level tokenizer), so tiny
+# weights written by an older generator are rewritten instead of loaded.
+TINY_GENERATOR = 2
 
 
 class MissingWeightsError(RuntimeError):
@@ -47,14 +50,20 @@ def write_marker(folder: Path, **info) -> None:
     (folder / MARKER).write_text(json.dumps(info, indent=1) + "\n")
 
 
+def revision(name: str) -> str:
+    """The pinned revision; a component derived from a base (`from_unet`) follows that base's."""
+    spec = MANIFEST["components"][name]
+    return revision(spec["from_unet"]) if "from_unet" in spec else spec["revision"]
+
+
 def is_complete(folder: Path, name: str, tiny: bool) -> bool:
     info = marker(folder)
     if info is None:
         return False
     if tiny:
-        return info.get("tiny") is True
+        return info.get("tiny") is True and info.get("generator") == TINY_GENERATOR
     # A download of another revision is stale: the manifest is the source of truth.
-    return info.get("revision") == MANIFEST["components"][name]["revision"]
+    return info.get("revision") == revision(name)
 
 
 @dataclass(frozen=True)

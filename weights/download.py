@@ -46,6 +46,14 @@ def download_component(name: str, dest: Path) -> None:
     if weights.is_complete(dest, name, tiny=False):
         print(f"{name}: already complete at {dest}")
         return
+    if "from_unet" in spec:  # nothing to download: derived from the base fetched before it
+        from models.train import write_untrained_controlnet
+
+        print(f"{name}: an untrained ControlNet from {spec['from_unet']}'s UNet -> {dest}", flush=True)
+        write_untrained_controlnet(weights.root() / spec["from_unet"], dest)
+        weights.write_marker(dest, from_unet=spec["from_unet"], revision=weights.revision(name))
+        print(f"{name}: complete", flush=True)
+        return
     what = f"{spec['repo']}@{spec['revision'][:10]}"
     check_reachable(endpoint(), what)
     print(f"{name}: downloading {what} ({', '.join(spec['files'])}) -> {dest}", flush=True)

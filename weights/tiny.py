@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import models  # noqa: F401  first: its third-party noise filters (models/quiet.py)
 import weights
 
 SEED = 0
@@ -37,13 +38,59 @@ def _bytes_to_unicode() -> list[str]:
     return [table[b] for b in range(256)]
 
 
+# The words tiny-weight prompts are made of (README, quickstart, tests, the default a_prompt and
+# n_prompt, common prompt words). Each becomes one token, as in CLIP's 49k-word BPE, so a normal
+# prompt stays under the 77 positions; other words fall back to pieces and single characters.
+WORDS = """
+a an the and or of in on at to with without by for from as is it its this that over under near
+cozy cottage house home building room street city town village garden road bridge tower castle
+red orange yellow green blue purple pink brown black white grey gray golden silver dark bright
+roof door window wall walls floor lawn tree trees sky sun cloud clouds water river lake sea
+mountain mountains forest field flower flowers grass stone wood wooden glass brick
+man woman person people girl boy child dog cat bird horse face hand hands portrait
+photo photograph photorealistic realistic painting drawing sketch illustration render art style
+hour light lighting night day morning evening sunset sunrise shadow shadows
+best quality high low extremely highly very detailed detail details sharp focus masterpiece
+longbody lowres bad anatomy missing fingers extra digit fewer digits cropped worst blurry
+ugly deformed text watermark jpeg artifacts simple background
+beautiful old new small large big tall modern ancient little
+cinematic dramatic soft warm cold
+""".split()
+
+
+def _bpe_merges(words: list[str], end: str = "</w>") -> list[tuple[str, str]]:
+    """Learn merges until every word is one symbol: encoding applies them in the same order, so each
+    training word comes out as one token."""
+    symbols = {w: [*w[:-1], w[-1] + end] for w in dict.fromkeys(words)}
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for parts in symbols.values():
+            for pair in zip(parts, parts[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))  # ties: alphabetical, deterministic
+        merges.append(best)
+        for word, parts in symbols.items():
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            symbols[word] = merged
+
+
 def write_tokenizer(folder: Path) -> int:
     """vocab.json + merges.txt + configs, like openai/clip-vit-large-patch14's; returns the vocab size."""
     chars = _bytes_to_unicode()
+    merges = _bpe_merges(WORDS)
     # Every merge result must be in the vocab (transformers 5 checks).
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n</w>")]
     tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    tokens = list(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))  # two merges may spell one token
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
@@ -116,6 +163,15 @@ def write_controlnet(folder: Path, name: str) -> None:
     controlnet.save_pretrained(folder)
 
 
+def write_untrained_controlnet(folder: Path, name: str) -> None:
+    """The custom condition's ControlNet before training: from the tiny base's UNet, zero convolutions
+    kept, so that serving it reproduces the base model exactly (unlike the randomised ones above)."""
+    from models.train import write_untrained_controlnet as write
+
+    base = weights.MANIFEST["components"][name]["from_unet"]
+    write(folder.parent / base, folder)
+
+
 def write_detector(folder: Path, name: str) -> None:
     """The detector class that loads a component also writes its random version, in the same layout."""
     import importlib
@@ -134,8 +190,9 @@ def write(roles: dict[str, str], dest_root: Path, force: bool = False) -> None:
         if weights.is_complete(folder, name, tiny=True) and not force:
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        WRITERS[role](folder, name)
-        weights.write_marker(folder, tiny=True, component=name)
+        derived = "from_unet" in weights.MANIFEST["components"][name]
+        (write_untrained_controlnet if derived else WRITERS[role])(folder, name)
+        weights.write_marker(folder, tiny=True, component=name, generator=weights.TINY_GENERATOR)
         print(f"tiny {name}: written to {folder}")
 
 
@@ -143,9 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--force", action="store_true", help="rewrite even if already complete")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar for a one-shard, instant save is noise
     roles = {}
     for condition in weights.CONDITIONS:
         roles.update({name: role for role, name in weights.components(condition).items()})
+    # Derived components are written from the base, so the base goes first.
+    roles = dict(sorted(roles.items(), key=lambda item: "from_unet" in weights.MANIFEST["components"][item[0]]))
     write(roles, weights.root() / weights.TINY, args.force)
 
 

@@ -1,0 +1,293 @@
+"""`make image-test COND=x`: build the condition's real image with tiny weights, run it, predict, stop it.
+
+The smoke image is `make image`'s own staged context with `CONTROLNET_WEIGHTS=tiny`, tagged
+controlnet-<x>-smoke. With the cog CLI on PATH it is built by `cog build`; without it, by
+`docker build` from the Dockerfile the staging generates. Offline from any container registry:
+the base image is made here with debootstrap from the machine's Debian mirror, the packages come
+from a wheelhouse downloaded once from PyPI on the host and served to the build on 127.0.0.1. All
+traffic stays on loopback (`--network host` for the build, the container published on 127.0.0.1).
+
+Installs what it needs (Debian's docker.io and debootstrap, as root) and starts dockerd if none
+runs. Removes what it created (the container, the smoke image, the staged context, a dockerd it
+started); keeps, for the next run, under the cache folder the wheelhouse and in Docker the base
+image and the dependency image (`controlnet-cog-deps:<hash>`: the pip layers every condition
+shares). `--purge` removes those too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from scripts.build_image import DEPS_END
+from scripts.cog_config import ROOT, field
+
+CACHE = Path(os.environ.get("CONTROLNET_COG_CACHE", Path.home() / ".cache" / "controlnet-cog")) / "image-test"
+WHEEL_PORT = 47311  # fixed: the pip layer's cache key includes the URL, so a random port would rebuild it
+BUILD_ENV = {**os.environ, "DOCKER_BUILDKIT": "0"}  # Debian's client has no buildx; the Dockerfile needs none
+STOP_LIMIT_S = 10.0
+
+
+def log(msg: str) -> None:
+    print(f"image-test: {msg}", flush=True)
+
+
+def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def quiet(*cmd: str) -> bool:
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def apt_install(*packages: str) -> None:
+    if os.geteuid() != 0:
+        raise SystemExit(f"image-test: needs {' '.join(packages)}; install them (as root: apt-get install -y {' '.join(packages)})")
+    log(f"installing {' '.join(packages)} (Debian packages)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run("apt-get", "update", "-qq", env=env)
+    run("apt-get", "install", "-y", "-qq", *packages, env=env, stdout=subprocess.DEVNULL)
+
+
+def ensure_engine() -> subprocess.Popen | None:
+    """A running Docker engine; returns the dockerd this run started (to stop it at the end)."""
+    if shutil.which("docker") and quiet("docker", "info"):
+        return None
+    if not shutil.which("dockerd"):
+        apt_install("docker.io")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    log("starting dockerd (overlay2)")
+    daemon = subprocess.Popen(
+        ["dockerd", "--storage-driver=overlay2"], stdout=open(CACHE / "dockerd.log", "ab"), stderr=subprocess.STDOUT
+    )
+    for _ in range(120):
+        if quiet("docker", "info"):
+            return daemon
+        if daemon.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise SystemExit(f"image-test: dockerd did not start; see {CACHE / 'dockerd.log'}")
+
+
+def debian_mirror() -> str:
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            for line in path.read_text().splitlines():
+                words = line.split()
+                if line.startswith("URIs:") and len(words) > 1 and "security" not in words[1]:
+                    return words[1]
+                if words[:1] == ["deb"] and "security" not in line:
+                    return next(w for w in words[1:] if "://" in w)
+        except (OSError, StopIteration):
+            continue
+    return "http://deb.debian.org/debian"
+
+
+def ensure_base(python: str) -> str:
+    """A Debian bookworm image with this Python, pip, `python` and tini, made without any registry."""
+    tag = f"controlnet-cog-base:bookworm-py{python}"
+    if quiet("docker", "image", "inspect", tag):
+        return tag
+    if not shutil.which("debootstrap"):
+        apt_install("debootstrap")
+    rootfs = CACHE / "rootfs"
+    shutil.rmtree(rootfs, ignore_errors=True)
+    log(f"making the base image {tag} with debootstrap (about a minute)")
+    run("debootstrap", "--variant=minbase", f"--include=python{python},python3-pip,python-is-python3,tini,ca-certificates",
+        "bookworm", str(rootfs), debian_mirror(), stdout=subprocess.DEVNULL)
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    run("docker", "import", "-", tag, stdin=tar.stdout, stdout=subprocess.DEVNULL)
+    tar.wait()
+    shutil.rmtree(rootfs)
+    return tag
+
+
+def requirements_key() -> str:
+    return hashlib.sha256((ROOT / "requirements.txt").read_bytes()).hexdigest()[:12]
+
+
+def ensure_wheelhouse() -> Path:
+    house = CACHE / f"wheelhouse-{requirements_key()}"
+    if house.is_dir():
+        return house
+    partial = house.with_name(house.name + ".partial")
+    log(f"downloading the pinned wheels from PyPI into {house} (~3 GB, once)")
+    # The machine-wide pip config may add a CPU-only torch from a local folder: ignore it.
+    env = {**os.environ, "PIP_CONFIG_FILE": "/dev/null", "PIP_FIND_LINKS": ""}
+    run(sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+        "-r", str(ROOT / "requirements.txt"), "-d", str(partial), env=env)
+    partial.rename(house)
+    return house
+
+
+def serve_wheelhouse(house: Path) -> http.server.ThreadingHTTPServer:
+    handler = functools.partial(_QuietHandler, directory=str(house))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_PORT), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def docker_build(context: Path, tag: str, base: str, dockerfile: str | None = None) -> None:
+    args = ["docker", "build", "-q", "--network", "host", "--build-arg", f"BASE_IMAGE={base}",
+            "--build-arg", f"PIP_OPTIONS=--no-index --find-links http://127.0.0.1:{WHEEL_PORT}/", "-t", tag]
+    if dockerfile:
+        args += ["-f", dockerfile]
+    run(*args, str(context), env=BUILD_ENV, stdout=subprocess.DEVNULL)
+
+
+def ensure_deps(context: Path, base: str) -> str:
+    """The shared dependency layers, tagged so that removing a condition's image keeps them."""
+    tag = f"controlnet-cog-deps:{requirements_key()}"
+    with tempfile.TemporaryDirectory() as tmp:
+        head = (context / "Dockerfile").read_text().split(DEPS_END)[0]
+        (Path(tmp) / "Dockerfile").write_text(head)
+        shutil.copy2(context / "requirements.txt", Path(tmp) / "requirements.txt")
+        started = time.monotonic()
+        docker_build(Path(tmp), tag, base)
+        log(f"dependency layers {tag}: {time.monotonic() - started:.0f} s (cached after the first build)")
+    return tag
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 10.0) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def wait_ready(port: int, container: str, limit_s: float = 600) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        try:
+            status = http_json(f"http://127.0.0.1:{port}/health-check", timeout=2).get("status")
+        except OSError:
+            status = None
+        if status == "READY":
+            return time.monotonic() - started
+        if status == "SETUP_FAILED" or not quiet("docker", "top", container):
+            break
+        time.sleep(0.5)
+    logs = subprocess.run(["docker", "logs", "--tail", "40", container], capture_output=True, text=True)
+    raise SystemExit(f"image-test: {container} never became READY:\n{logs.stdout}{logs.stderr}")
+
+
+def sample_image() -> str:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (320, 256), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((60, 90, 260, 220), outline="black", width=4)
+    draw.polygon([(50, 95), (160, 30), (270, 95)], outline="black", width=4)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def predict(port: int) -> tuple[float, list]:
+    from PIL import Image
+
+    body = {"input": {"image": sample_image(), "prompt": "a house", "image_resolution": "256",
+                      "ddim_steps": 2, "seed": 7, "num_samples": "1"}}
+    started = time.monotonic()
+    answer = http_json(f"http://127.0.0.1:{port}/predictions", body, timeout=600)
+    elapsed = time.monotonic() - started
+    if answer.get("status") != "succeeded":
+        raise SystemExit(f"image-test: prediction {answer.get('status')}: {answer.get('error')}\n{answer.get('logs')}")
+    images = [Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) for uri in answer["output"]]
+    sizes = [image.size for image in images]
+    # The control map first, then one sample, both at the planned size (short side 256, aspect kept).
+    if len(images) != 2 or sizes[0] != sizes[1] or min(sizes[0]) != 256 or sizes[0][0] <= sizes[0][1]:
+        raise SystemExit(f"image-test: expected a map and one sample of the same 256-px landscape size, got {sizes}")
+    if "Using seed: 7" not in answer.get("logs", ""):
+        raise SystemExit("image-test: the prediction's logs do not report the seed")
+    return elapsed, sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("condition")
+    parser.add_argument("--purge", action="store_true", help="also remove the cached base and dependency images")
+    args = parser.parse_args(argv)
+    cond = args.condition
+    tag, container = f"controlnet-{cond}-smoke", f"controlnet-{cond}-image-test"
+    context = ROOT / "build" / f"image-test-{cond}"
+    figures: dict[str, object] = {"condition": cond}
+    daemon = ensure_engine()
+    server = None
+    try:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True)  # left over from an interrupted run
+        run(sys.executable, "-m", "scripts.build_image", cond, "--weights", "tiny", "--stage-only",
+            "--context", str(context), cwd=ROOT, stdout=subprocess.DEVNULL)
+        started = time.monotonic()
+        if shutil.which("cog"):
+            figures["path"] = "cog build"
+            run("cog", "build", "-t", tag, cwd=context)
+        else:
+            figures["path"] = "docker build (generated Dockerfile)"
+            base = ensure_base(field(cond, "python_version"))
+            server = serve_wheelhouse(ensure_wheelhouse())
+            ensure_deps(context, base)
+            started = time.monotonic()
+            docker_build(context, tag, base)
+        figures["build_s"] = round(time.monotonic() - started, 1)
+        figures["image_gb"] = round(int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", tag],
+                                                       capture_output=True, text=True, check=True).stdout) / 1e9, 2)
+        log(f"built {tag} via {figures['path']} in {figures['build_s']} s, {figures['image_gb']} GB")
+        port = free_port()
+        run("docker", "run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:5000", tag, stdout=subprocess.DEVNULL)
+        figures["ready_s"] = round(wait_ready(port, container), 1)
+        log(f"READY after {figures['ready_s']} s")
+        figures["predict_s"], figures["sizes"] = predict(port)
+        figures["predict_s"] = round(figures["predict_s"], 1)
+        log(f"prediction: map + sample {figures['sizes'][0]} in {figures['predict_s']} s")
+        started = time.monotonic()
+        run("docker", "stop", "-t", str(int(STOP_LIMIT_S)), container, stdout=subprocess.DEVNULL)
+        figures["stop_s"] = round(time.monotonic() - started, 1)
+        code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", container],
+                              capture_output=True, text=True).stdout.strip()
+        if code != "0" or figures["stop_s"] >= STOP_LIMIT_S:
+            raise SystemExit(f"image-test: docker stop took {figures['stop_s']} s, exit code {code} (want < 10 s, 0)")
+        log(f"docker stop: {figures['stop_s']} s, exit code 0")
+        print(json.dumps(figures), flush=True)
+    finally:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+        subprocess.run(["docker", "rmi", tag], capture_output=True)
+        shutil.rmtree(context, ignore_errors=True)
+        if args.purge:
+            subprocess.run(["docker", "rmi", f"controlnet-cog-deps:{requirements_key()}",
+                            f"controlnet-cog-base:bookworm-py{field(cond, 'python_version')}"], capture_output=True)
+        if server:
+            server.shutdown()
+        if daemon:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

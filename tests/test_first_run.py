@@ -1,0 +1,197 @@
+"""What a new user meets first: `make help`, quiet output, the tiny tokenizer, the README's curl
+example as written, and the playground page in a real headless browser."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import weights
+from scripts.cog_config import ROOT
+from scripts.cog_server import CogServer
+
+README = (ROOT / "README.md").read_text()
+MAKEFILE = (ROOT / "Makefile").read_text()
+
+
+def test_make_help_lists_every_target():
+    targets = set(re.findall(r"^([A-Za-z][\w-]*):(?!=)", MAKEFILE, re.M))
+    assert {"help", "test", "playground"} <= targets
+    help_text = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    listed = set(re.findall(r"^make ([\w-]+)", help_text, re.M))
+    assert targets - listed == set(), f"targets missing from `make help`: {sorted(targets - listed)}"
+
+
+# --- quiet output -------------------------------------------------------------------------------
+
+NOISE = ("mediapipe", "Overwriting tiny_vit", "timm.models.layers is deprecated", "timm.models.registry",
+         "should be kept in float32", "Token indices sequence length", "input was truncated")
+
+
+def plain_env(**extra) -> dict:
+    """A newcomer's shell: Python's default warning filters, not pytest's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    return {**env, **extra}
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    env = plain_env()
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_importing_every_controlnet_aux_detector_prints_none_of_the_known_noise_but_our_warnings_show():
+    done = run_python(
+        "import warnings, models, models.detectors.hed, models.detectors.hough, models.detectors.pose\n"
+        "warnings.warn('controlnet-cog canary')\n"
+        # the same category from the same third-party module, another message: not ours to hide
+        "warnings.warn_explicit('another controlnet_aux notice', UserWarning, 'x.py', 1, module='controlnet_aux.x')\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "controlnet-cog canary" in done.stderr and "another controlnet_aux notice" in done.stderr
+    assert [n for n in NOISE if n in done.stderr] == []
+
+
+def test_log_filters_drop_only_the_named_messages():
+    import logging
+
+    import models.quiet
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    record = lambda msg: logging.LogRecord(logger.name, logging.WARNING, "x", 1, msg, None, None)  # noqa: E731
+    assert not logger.filter(record("There are modules in UNet2DConditionModel that should be kept in float32: []."))
+    assert logger.filter(record("There are modules in UNet2DConditionModel that should be kept in float32: ['norm']."))
+    assert logger.filter(record("something else entirely"))
+    assert models.quiet.LOG_LINES  # the filters are installed by importing models
+
+
+def test_tiny_weights_print_only_what_they_wrote(tmp_path):
+    env = plain_env(CONTROLNET_WEIGHTS_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "weights.tiny"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    assert lines and [line for line in lines if not re.fullmatch(r"tiny [\w.-]+: written to .+", line)] == []
+
+
+# --- tiny tokenizer ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_weights):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tiny_weights / "stable-diffusion-v1-5" / "tokenizer")
+
+
+def test_tiny_tokenizer_reads_the_quickstarts_prompt_word_by_word(tokenizer):
+    from cog_base.predictor import A_PROMPT, N_PROMPT
+
+    prompt = "a cozy cottage with a red roof, photorealistic, golden hour, " + A_PROMPT
+    for text in (prompt, N_PROMPT):
+        tokens = tokenizer.tokenize(text)
+        words = re.findall(r"[a-z]+|[^\sa-z]", text.lower())
+        assert tokens == [w + "</w>" for w in words]  # as CLIP's BPE: a word, then punctuation
+        assert len(tokenizer(text).input_ids) <= tokenizer.model_max_length
+    # An unknown word still encodes, in pieces.
+    assert "".join(tokenizer.tokenize("xylophone")).replace("</w>", "") == "xylophone"
+
+
+def test_tiny_weights_from_an_older_generator_are_rewritten(tmp_path):
+    folder = tmp_path / "sd-controlnet-canny"
+    folder.mkdir()
+    weights.write_marker(folder, tiny=True, component=folder.name)  # as generator 1 wrote it
+    assert not weights.is_complete(folder, folder.name, tiny=True)
+    weights.write_marker(folder, tiny=True, component=folder.name, generator=weights.TINY_GENERATOR)
+    assert weights.is_complete(folder, folder.name, tiny=True)
+
+
+# --- the README's curl example and the playground, against one real server -------------------------
+
+
+@pytest.fixture(scope="module")
+def canny(tmp_path_factory):
+    with CogServer("canny", log_path=tmp_path_factory.mktemp("first-run") / "canny.log") as server:
+        yield server
+
+
+def readme_block(after: str) -> str:
+    start = README.index(after)
+    return re.search(r"```sh\n(.*?)```", README[start:], re.S).group(1)
+
+
+def test_readme_curl_example_runs_as_written(canny):
+    block = readme_block("Or with curl, while `make serve` runs")
+    assert block.startswith("make sample-image") and "127.0.0.1:5000" in block
+    for old in ROOT.glob("outputs/curl-*.png"):
+        old.unlink()
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.replace("127.0.0.1:5000", canny.url.removeprefix("http://"))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "succeeded" in done.stdout and "Using seed: 42" in done.stdout, done.stdout
+    assert sorted(p.name for p in ROOT.glob("outputs/curl-*.png")) == ["curl-0.png", "curl-1.png"]
+    assert [n for n in NOISE if n in canny.log()] == []
+
+
+def find_chromium() -> str | None:
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no chromium on this machine (Debian: apt-get install chromium); .ci/run installs it")
+def test_playground_in_a_headless_browser(canny, tmp_path):
+    import requests
+    from playwright.sync_api import sync_playwright
+
+    from scripts.playground import Playground
+    from scripts.quickstart import sample_image
+
+    image = sample_image(tmp_path / "house.png")
+    schema = requests.get(f"{canny.url}/openapi.json", timeout=10).json()["components"]["schemas"]["Input"]["properties"]
+    with Playground(canny.url) as page_server, sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=find_chromium(), headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            page = browser.new_page()
+            page.goto(page_server.url)
+            page.wait_for_selector("#in-prompt")
+            # Every served input has a field, with the served default.
+            for name, prop in schema.items():
+                assert page.locator(f"#in-{name}").count() == 1, name
+            assert page.input_value("#in-ddim_steps") == str(schema["ddim_steps"]["default"])
+            for name in [n for n, p in schema.items() if p.get("type") == "boolean"]:
+                assert page.is_checked(f"#in-{name}") is schema[name]["default"], name
+            assert float(page.locator("#in-low_threshold").get_attribute("max")) == schema["low_threshold"]["maximum"]
+
+            page.set_input_files("#in-image", str(image))
+            page.fill("#in-prompt", "a cozy cottage with a red roof")
+            page.select_option("#in-image_resolution", "256")
+            page.fill("#in-ddim_steps", "2")
+            page.click("#run")
+            page.wait_for_selector("figure img.sample", timeout=300_000)
+            assert page.locator("figure img.control").count() == 1 and page.locator("figure img.sample").count() == 1
+            assert page.evaluate("[...document.querySelectorAll('figure img')].every(i => i.naturalWidth > 0)")
+            seed = re.fullmatch(r"Seed: (\d+)", page.text_content("#seed")).group(1)
+            assert f"Using seed: {seed}" in page.text_content("#logs")
+            first = page.get_attribute("figure img.sample", "src")
+            shot = ROOT / "outputs" / "playground.png"
+            shot.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(shot), full_page=True)
+
+            page.evaluate("document.getElementById('images').textContent = ''")
+            page.click("#again")
+            page.wait_for_selector("figure img.sample", timeout=300_000)
+            assert page.text_content("#seed") == f"Seed: {seed}"
+            assert page.get_attribute("figure img.sample", "src") == first  # same seed, same sample
+        finally:
+            browser.close()

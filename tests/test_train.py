@@ -1,0 +1,313 @@
+"""Training a ControlNet on paired images (models/train.py, models/train_data.py), on the tiny base, CPU."""
+
+import base64
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+import weights
+from models.train import (
+    PairDataset,
+    TrainConfig,
+    denoising_loss,
+    initial_controlnet,
+    load_frozen,
+    train_controlnet,
+    validation_pipeline,
+    write_tar,
+)
+from models.train_data import TrainingDataError, read_pairs
+from scripts.cog_server import CogServer
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def toy_files(n: int = 4, size: tuple[int, int] = (64, 64)) -> dict[str, bytes]:
+    """A toy condition: the control map is a circle's outline, the target the same circle filled in yellow
+    on blue. Captions in prompts.jsonl, the Hugging Face image-folder convention."""
+    files, lines = {}, []
+    width, height = size
+    for i in range(n):
+        box = [width // 8 + 3 * i, height // 6, width // 2 + 3 * i, height - height // 6]
+        control = Image.new("RGB", size, "black")
+        ImageDraw.Draw(control).ellipse(box, outline="white", width=3)
+        target = Image.new("RGB", size, (30, 60, 200))
+        ImageDraw.Draw(target).ellipse(box, fill=(250, 200, 0))
+        files[f"images/pair{i}.png"] = png(target)
+        files[f"conditioning_images/pair{i}.png"] = png(control)
+        lines.append(json.dumps({"file_name": f"pair{i}.png", "text": "a yellow circle on blue"}))
+    files["prompts.jsonl"] = ("\n".join(lines) + "\n").encode()
+    return files
+
+
+def write_archive(path: Path, files: dict[str, bytes]) -> Path:
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tf:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    return load_frozen(weights.locate("custom", prefer="tiny").base, "cpu")
+
+
+def sample(pipe, seed: int = 5, control=None) -> np.ndarray:
+    kwargs = {} if control is None else {"image": Image.fromarray(control)}
+    return pipe("a yellow circle", height=64, width=64, num_inference_steps=3, guidance_scale=7.5,
+                generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images[0]
+
+
+# -- (a) the zero-convolution start ----------------------------------------------------------------
+
+def test_before_any_step_the_controlnet_leaves_the_base_model_unchanged(frozen):
+    base = StableDiffusionPipeline(
+        vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer, unet=frozen.unet,
+        scheduler=DDIMScheduler.from_pretrained(frozen.scheduler_dir), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    base.set_progress_bar_config(disable=True)
+    controlled = validation_pipeline(frozen, initial_controlnet(frozen.unet))
+    control = np.zeros((64, 64, 3), np.uint8)
+    control[16:48, 16:48] = 255
+    without = sample(base)
+    assert np.abs(without - sample(base, seed=6)).mean() > 1e-3  # the comparison can see a change
+    np.testing.assert_array_equal(sample(controlled, control=control), without)
+    # ...and so does the ControlNet the custom image serves when it has no trained weights.
+    served = ControlNetModel.from_pretrained(weights.locate("custom", prefer="tiny").controlnet)
+    np.testing.assert_array_equal(sample(validation_pipeline(frozen, served), control=control), without)
+
+
+# -- (b) training moves the loss and the output ----------------------------------------------------
+
+def fixed_loss(controlnet, frozen, pairs) -> float:
+    """The training loss on the toy set with fixed noise and timesteps, so two models compare fairly."""
+    batch = torch.utils.data.default_collate([PairDataset(pairs, 64, frozen.tokenizer)[i] for i in range(len(pairs))])
+    with torch.no_grad():
+        return float(np.mean([denoising_loss(controlnet, frozen, batch, torch.Generator().manual_seed(s)).item()
+                              for s in range(4)]))
+
+
+def test_a_few_dozen_steps_lower_the_loss_and_change_the_output(frozen, tmp_path):
+    pairs = read_pairs(write_archive(tmp_path / "pairs.zip", toy_files()), tmp_path / "unpacked", 64)
+    lines = []
+    config = TrainConfig(max_train_steps=16, learning_rate=3e-3, train_batch_size=2, resolution=64,
+                         mixed_precision="fp16", seed=3, validation_every=8, validation_steps=2, progress_every_s=0,
+                         validation_prompts=("a yellow circle", "a blue square"))
+    result = train_controlnet(weights.locate("custom", prefer="tiny").base, pairs, tmp_path / "out", config,
+                              log=lines.append)
+    log = "\n".join(lines)
+
+    assert len(result.losses) == 16 and all(np.isfinite(result.losses))
+    assert "training in fp32 instead" in log  # fp16 asked on a CPU
+    assert "step 1/16  loss " in log and "step 16/16  loss " in log
+    assert all(word in log for word in ("lr 3.00e-03", "steps/s", "ETA"))
+    assert [p.name for p in result.validation_images] == [
+        "validation-step000008-0.png", "validation-step000008-1.png", "validation-step000016-0.png",
+        "validation-step000016-1.png"]
+    assert all(Image.open(p).size == (128, 64) for p in result.validation_images)
+
+    trained = ControlNetModel.from_pretrained(result.controlnet_dir)
+    untrained = initial_controlnet(frozen.unet)
+    before, after = fixed_loss(untrained, frozen, pairs), fixed_loss(trained, frozen, pairs)
+    assert after < before * 0.95, (before, after)
+
+    control = np.asarray(Image.open(pairs[0].conditioning).convert("RGB"))
+    moved = sample(validation_pipeline(frozen, trained), control=control)
+    still = sample(validation_pipeline(frozen, untrained), control=control)
+    assert np.abs(moved - still).mean() > 1e-3
+
+    # One file out: unpacked, it is a folder ControlNetModel.from_pretrained loads.
+    tar = write_tar(result.controlnet_dir, tmp_path / "controlnet.tar")
+    with tarfile.open(tar) as tf:
+        assert sorted(tf.getnames()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+        tf.extractall(tmp_path / "unpacked-weights", filter="data")
+    reloaded = ControlNetModel.from_pretrained(tmp_path / "unpacked-weights")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), trained.state_dict().values()))
+
+
+# -- (d) the data is checked before any model loads ------------------------------------------------
+
+@pytest.mark.parametrize("archive", ["pairs.zip", "pairs.tar", "pairs.tar.gz"])
+def test_zip_and_tar_archives_with_or_without_a_top_folder_are_read(tmp_path, archive):
+    nested = {f"my-set/{name}": data for name, data in toy_files(3).items()}
+    pairs = read_pairs(write_archive(tmp_path / archive, nested), tmp_path / "u", 64, log=lambda _: None)
+    assert [p.name for p in pairs] == ["pair0.png", "pair1.png", "pair2.png"]
+    assert {p.caption for p in pairs} == {"a yellow circle on blue"}
+
+
+def test_captions_may_come_from_prompts_csv(tmp_path):
+    files = toy_files(2)
+    del files["prompts.jsonl"]
+    files["prompts.csv"] = b'file_name,text\npair0.png,"a circle, yellow"\nimages/pair1.png,another one\n'
+    pairs = read_pairs(write_archive(tmp_path / "p.zip", files), tmp_path / "u", 64, log=lambda _: None)
+    assert [p.caption for p in pairs] == ["a circle, yellow", "another one"]
+
+
+def broken(case: str) -> dict[str, bytes]:
+    files = toy_files(3)
+    if case == "no pairs":
+        files = {"images/.keep": b"", "conditioning_images/.keep": b"", "prompts.jsonl": b""}
+    elif case == "no folders":
+        files = {"pair0.png": files["images/pair0.png"], "prompts.jsonl": files["prompts.jsonl"]}
+    elif case == "unmatched names":
+        files["conditioning_images/other.png"] = files.pop("conditioning_images/pair2.png")
+    elif case == "unreadable image":
+        files["images/pair1.png"] = b"this is not a png"
+    elif case == "truncated image":
+        files["conditioning_images/pair1.png"] = files["conditioning_images/pair1.png"][:120]
+    elif case == "missing captions":
+        files["prompts.jsonl"] = json.dumps({"file_name": "pair0.png", "text": "x"}).encode()
+    elif case == "empty caption":
+        files["prompts.jsonl"] = b"\n".join(
+            json.dumps({"file_name": f"pair{i}.png", "text": "" if i == 1 else "x"}).encode() for i in range(3))
+    elif case == "no prompts file":
+        del files["prompts.jsonl"]
+    elif case == "bad jsonl":
+        files["prompts.jsonl"] = b'{"file_name": "pair0.png", "text": "x"}\n{oops\n'
+    return files
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no pairs", "no pairs"),
+    ("no folders", "needs a folder images/"),
+    ("unmatched names", "pair2.png"),
+    ("unreadable image", "cannot be decoded: pair1.png"),
+    ("truncated image", "cannot be decoded: pair1.png"),
+    ("missing captions", "2 pair(s) have no caption (or an empty one) in the prompts file: pair1.png, pair2.png"),
+    ("empty caption", "1 pair(s) have no caption (or an empty one) in the prompts file: pair1.png"),
+    ("no prompts file", "no captions: put prompts.jsonl"),
+    ("bad jsonl", "prompts.jsonl line 2 is not JSON"),
+])
+def test_bad_training_data_is_refused_with_what_to_fix(tmp_path, case, message):
+    with pytest.raises(TrainingDataError) as err:
+        read_pairs(write_archive(tmp_path / "bad.zip", broken(case)), tmp_path / "u", 64, log=lambda _: None)
+    assert message in str(err.value)
+
+
+def test_unmatched_names_are_listed_from_both_sides(tmp_path):
+    with pytest.raises(TrainingDataError) as err:
+        read_pairs(write_archive(tmp_path / "bad.zip", broken("unmatched names")), tmp_path / "u", 64)
+    assert "in images/ have no control map of the same name in conditioning_images/: pair2.png" in str(err.value)
+    assert "in conditioning_images/ have no target of the same name in images/: other.png" in str(err.value)
+
+
+def test_not_an_archive_and_unsafe_paths_are_refused(tmp_path):
+    (tmp_path / "x.zip").write_bytes(b"plain text")
+    with pytest.raises(TrainingDataError, match="neither a zip nor a tar"):
+        read_pairs(tmp_path / "x.zip", tmp_path / "u", 64)
+    files = toy_files(1) | {"../escape.txt": b"x"}
+    with pytest.raises(TrainingDataError, match="unsafe entry"):
+        read_pairs(write_archive(tmp_path / "evil.tar", files), tmp_path / "u2", 64)
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_mixed_sizes_are_resized_and_said_in_the_logs(tmp_path, frozen):
+    files = toy_files(2, size=(96, 64))
+    files.update({k.replace("pair", "big"): v for k, v in toy_files(1, size=(128, 160)).items() if k != "prompts.jsonl"})
+    files["prompts.jsonl"] += json.dumps({"file_name": "big0.png", "text": "big"}).encode()
+    files["conditioning_images/pair1.png"] = png(Image.new("RGB", (48, 32)))
+    lines = []
+    pairs = read_pairs(write_archive(tmp_path / "m.zip", files), tmp_path / "u", 64, log=lines.append)
+    log = "\n".join(lines)
+    assert len(pairs) == 3
+    assert "96x64 (2), 128x160 (1): every pair is resized (short side) and centre-cropped to 64x64" in log
+    assert "different sizes" in log and "pair1.png" in log
+    dataset = PairDataset(pairs, 64, frozen.tokenizer)
+    assert {tuple(dataset[i]["pixel_values"].shape) for i in range(3)} == {(3, 64, 64)}
+    assert {tuple(dataset[i]["conditioning_pixel_values"].shape) for i in range(3)} == {(3, 64, 64)}
+
+
+# -- (c) train through Cog, serve the result through Cog ---------------------------------------------
+
+def data_uri(raw: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def from_uri(uri: str) -> bytes:
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
+    """`cog train` runs the image with --x-mode train and POSTs /trainings; the tar it returns is then
+    served through COG_WEIGHTS (a local path here; a URL in production)."""
+    archive = write_archive(tmp_path / "pairs.zip", toy_files()).read_bytes()
+    inputs = {"pairs": data_uri(archive, "application/zip"), "max_train_steps": 12, "resolution": 64,
+              "train_batch_size": 2, "learning_rate": 2e-3, "seed": 3, "validation_every": 6,
+              "mixed_precision": "no"}
+    with CogServer("custom", mode="train", log_path=tmp_path / "train.log") as trainer:
+        schema = requests.get(f"{trainer.url}/openapi.json", timeout=10).json()
+        fields = schema["components"]["schemas"]["TrainingInput"]["properties"]
+        assert fields["learning_rate"]["default"] == 1e-5 and fields["resolution"]["default"] == 512
+        bad = trainer.train({**inputs, "pairs": data_uri(write_archive(tmp_path / "bad.zip", broken("unmatched names"))
+                                                         .read_bytes(), "application/zip")}).json()
+        assert bad["status"] == "failed" and "have no control map of the same name" in bad["error"]
+        assert "Using seed" not in bad["logs"]  # refused before any model was loaded
+        body = trainer.train(inputs).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert "step 12/12  loss " in body["logs"] and "ETA" in body["logs"]
+    assert len(body["output"]["validation_images"]) == 2  # at steps 6 and 12
+    weights_tar = tmp_path / "controlnet.tar"
+    weights_tar.write_bytes(from_uri(body["output"]["weights"]))
+
+    control = png(Image.open(io.BytesIO(toy_files(1)["conditioning_images/pair0.png"])))
+    request = {"image": data_uri(control, "image/png"), "prompt": "a yellow circle", "image_resolution": "256",
+               "ddim_steps": 2, "seed": 7}
+    with CogServer("custom", weights=str(weights_tar), log_path=tmp_path / "serve.log") as served:
+        assert "controlnet from COG_WEIGHTS (controlnet.tar)" in served.log()
+        with_control = served.predict(request).json()
+        base_only = served.predict({**request, "controlnet_conditioning_scale": 0.0}).json()
+    assert with_control["status"] == base_only["status"] == "succeeded", with_control.get("error")
+    assert "UNTRAINED" not in with_control["logs"]
+    moved, base = (np.asarray(Image.open(io.BytesIO(from_uri(b["output"][1])))).astype(int)
+                   for b in (with_control, base_only))
+    assert np.abs(moved - base).mean() > 0.5
+
+
+def test_make_weights_derives_the_untrained_controlnet_from_the_real_base(tmp_path, monkeypatch):
+    tiny_base = weights.locate("custom", prefer="tiny").base
+    monkeypatch.setenv("CONTROLNET_WEIGHTS_DIR", str(tmp_path))
+    base = weights.MANIFEST["conditions"]["custom"]["base"]
+    shutil.copytree(tiny_base, tmp_path / base)
+    weights.write_marker(tmp_path / base, revision=weights.revision(base))  # stands in for the download
+    from weights.download import main
+
+    main(["custom"])
+    found = weights.locate("custom", prefer="real")
+    assert found.controlnet.name == "controlnet-untrained"
+    assert ControlNetModel.from_pretrained(found.controlnet).controlnet_mid_block.weight.abs().max() == 0
+
+
+def test_init_from_takes_a_weights_tar_or_folder_and_refuses_anything_else(tmp_path, monkeypatch):
+    from predictors.custom.train import _fetch_controlnet
+
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
+    untrained = weights.locate("custom", prefer="tiny").controlnet
+    tar = write_tar(untrained, tmp_path / "cn.tar")
+    assert (_fetch_controlnet(str(tar)) / "config.json").is_file()
+    assert _fetch_controlnet(str(untrained)) == untrained
+    with pytest.raises(ValueError, match="init_from must be"):
+        _fetch_controlnet(str(weights.locate("custom", prefer="tiny").base))
+    with pytest.raises(ValueError, match="no such file"):
+        _fetch_controlnet(str(tmp_path / "missing.tar"))
