@@ -24,6 +24,8 @@ help:
 	@echo "make serve COND=custom WEIGHTS=x.tar serve a trained ControlNet (MODE=train: serve /trainings instead)"
 	@echo "make bench [BENCH_ARGS=...]         benchmark, full-size random-weight models (GPU; docs/benchmarks.md)"
 	@echo "make bench-smoke                    the same harness, tiny models on CPU (CI)"
+	@echo "make bench-weights                  write the full-size random-weight models the benchmark loads"
+	@echo "make test-compile                   the fast path's torch.compile test (slow on CPU; skipped by make test)"
 	@echo "make image COND=canny               build the controlnet-canny image (cog build, or docker build without cog)"
 	@echo "make image-test COND=canny          build a tiny-weights image, run it, predict, stop, clean up (~2-8 min)"
 	@echo "make deploy COND=canny REF=img:tag Knative / Kubernetes manifests into build/deploy/canny/"

@@ -8,7 +8,10 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 - a guard in front of the app: a body that is not `{"input": {...}}` gets 422 with what to send
   (Cog answers `{}`, `null` and `{"input": null}` with 500 from an unhandled ValidationError in
   `_predict`); bodies over a bound get 413; `POST /shutdown` is refused unless the client is on
-  loopback (Cog lets anyone who reaches the port stop the server);
+  loopback (Cog lets anyone who reaches the port stop the server); `POST /trainings/{id}/cancel`
+  is answered by the predictions' cancel route, which runs the same `runner.cancel` (Cog's training
+  route calls the async cancel handler without awaiting it: every training cancel was a 500 and
+  cancelled nothing);
 - image URLs are fetched with a byte and time bound, every redirect checked, the optional
   private-address block of models.urls, and no 0-byte temp file left after a failure
   (`URLPath.convert` copies an unbounded stream into a temp file it never removes on error);
@@ -108,6 +111,9 @@ class Guard:
             return await _reply(send, *_json_response(
                 403, "POST /shutdown is not accepted from this client (CONTROLNET_SHUTDOWN_FROM); stop the "
                 "container or process instead"))
+        if method == "POST" and path.startswith("/trainings/") and path.endswith("/cancel"):
+            scope = _with_path(scope, "/predictions/" + path[len("/trainings/"):])
+            return await self.app(scope, receive, send)
         if method in ("POST", "PUT") and path.startswith(REQUEST_ROUTES) and not path.endswith("/cancel"):
             raw, too_big = await _read_body(receive)
             if too_big:
@@ -119,6 +125,10 @@ class Guard:
                 return await _reply(send, *_json_response(422, detail))
             return await self.app(scope, _replay(raw), send)
         return await self.app(scope, receive, send)
+
+
+def _with_path(scope, path: str):
+    return {**scope, "path": path, "raw_path": path.encode()}
 
 
 def _shutdown_allowed(scope) -> bool:

@@ -3,8 +3,6 @@ idempotent PUT, 409 while busy, uploads, malformed bodies, webhooks that fail, i
 the private-address switch, who may stop the server, and clean stops."""
 
 import base64
-import http.server
-import json
 import os
 import re
 import signal
@@ -17,74 +15,12 @@ import pytest
 import requests
 
 from scripts.cog_server import CogServer, free_port, group_alive
-from tests.conftest import drawing, png_bytes
+from tests.conftest import Receiver, drawing, png_bytes
 
 IMAGE = "data:image/png;base64," + base64.b64encode(png_bytes(drawing())).decode()
 QUICK = {"image": IMAGE, "prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 3}
 # Long enough on tiny CPU models to watch, cancel and collide with (~0.1-0.5 s per step).
 LONG = {"image": IMAGE, "prompt": "a house", "image_resolution": "768", "ddim_steps": 100, "seed": 3}
-
-
-class Receiver:
-    """A client's HTTP endpoint on loopback: records webhooks (POST) and uploads (PUT); /hang never answers."""
-
-    def __init__(self):
-        self.events, self.uploads = [], {}
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _body(self):
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def do_POST(self):
-                if self.path.startswith("/hang"):
-                    time.sleep(60)
-                    return
-                receiver.events.append((self.path, json.loads(self._body()), time.monotonic()))
-                self.send_response(200)
-                self.end_headers()
-
-            def do_PUT(self):
-                receiver.uploads[self.path] = self._body()
-                self.send_response(201)
-                self.send_header("Location", f"http://127.0.0.1:{receiver.port}{self.path}")
-                self.end_headers()
-
-            def do_GET(self):  # image URLs
-                if self.path.startswith("/hang"):
-                    time.sleep(60)
-                    return
-                if self.path.startswith("/big"):
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(5 * 2**20))
-                    self.end_headers()
-                    self.wfile.write(b"\0" * (5 * 2**20))
-                    return
-                self.send_response(404)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def url(self, path):
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def for_prediction(self, path):
-        return [body for p, body, _ in self.events if p == path]
-
-    def wait_final(self, path, timeout=900):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            bodies = self.for_prediction(path)
-            if bodies and bodies[-1]["status"] in ("succeeded", "failed", "canceled"):
-                return bodies
-            time.sleep(0.1)
-        raise TimeoutError(f"no final webhook at {path}: {self.for_prediction(path)}")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from models.train import (
 )
 from models.train_data import TrainingDataError, read_pairs
 from scripts.cog_server import CogServer
+from tests.conftest import Receiver
 
 
 def png(img: Image.Image) -> bytes:
@@ -264,6 +266,7 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
                                                          .read_bytes(), "application/zip")}).json()
         assert bad["status"] == "failed" and "have no control map of the same name" in bad["error"]
         assert "Using seed" not in bad["logs"]  # refused before any model was loaded
+        assert_a_training_can_be_cancelled(trainer, inputs)
         body = trainer.train(inputs).json()
     assert body["status"] == "succeeded", body.get("error")
     assert "step 12/12  loss " in body["logs"] and "ETA" in body["logs"]
@@ -283,6 +286,27 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
     moved, base = (np.asarray(Image.open(io.BytesIO(from_uri(b["output"][1])))).astype(int)
                    for b in (with_control, base_only))
     assert np.abs(moved - base).mean() > 0.5
+
+
+def assert_a_training_can_be_cancelled(trainer, inputs):
+    """Cog 0.16.12's own /trainings/{id}/cancel answers 500 and cancels nothing (cog_base/serving.py)."""
+    receiver = Receiver()
+    long = {**inputs, "max_train_steps": 100000, "validation_every": 0}
+    body = {"input": long, "webhook": receiver.url("/hook/t1")}
+    started = requests.put(f"{trainer.url}/trainings/t1", json=body, headers={"Prefer": "respond-async"}, timeout=30)
+    assert started.status_code == 202, started.text
+    deadline = time.monotonic() + 600
+    while not any("step 1/" in (b.get("logs") or "") for b in receiver.for_prediction("/hook/t1")):
+        assert time.monotonic() < deadline, "no training progress before cancelling"
+        time.sleep(0.1)
+    assert requests.post(f"{trainer.url}/trainings/t1/cancel", timeout=10).status_code == 200
+    final = receiver.wait_final("/hook/t1", timeout=120)[-1]
+    assert final["status"] == "canceled" and "step 100000/" not in final["logs"]
+    assert requests.post(f"{trainer.url}/trainings/unknown/cancel", timeout=10).status_code == 404
+    deadline = time.monotonic() + 60
+    while trainer.health() != "READY":
+        assert time.monotonic() < deadline, "the server did not return to READY after the cancel"
+        time.sleep(0.2)
 
 
 def test_make_weights_derives_the_untrained_controlnet_from_the_real_base(tmp_path, monkeypatch):
