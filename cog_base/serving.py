@@ -18,6 +18,9 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 - webhooks are sent from a per-prediction thread with timeouts and two retries at most: Cog sends
   them on its event loop with no timeout and retries the final one for ~320 s, during which the
   prediction cannot finish and every other client gets 409;
+- an async prediction on a server started without `--upload-url` returns its files as data: URIs,
+  as a sync one does (Cog put the server's own temp-file paths in the webhook: useless to the client,
+  and a leak of server paths);
 - SIGTERM/SIGINT set the shutdown event from a fresh thread (Cog's handler takes a lock inside a
   signal handler) and a watchdog ends the process 9 s after the first signal if it is still up.
 
@@ -67,6 +70,7 @@ def install() -> None:
         _patch_http_main(sys.modules["__main__"])
         _patch_url_inputs()
         _patch_webhooks()
+        _patch_async_outputs()
     _patch_path_validation()
     _patch_worker_tracebacks()
 
@@ -296,6 +300,23 @@ def _patch_url_inputs() -> None:
 
     cog_types.URLPath.convert = convert
     cog_types.URLPath.unlink = unlink
+
+
+# -- async outputs --------------------------------------------------------------------------------
+
+def _patch_async_outputs() -> None:
+    from cog.files import upload_file
+    from cog.json import upload_files
+    from cog.server import runner as cog_runner
+
+    original = cog_runner.PredictTask.__init__
+
+    def __init__(self, prediction_request, is_train, upload_url=None):
+        original(self, prediction_request, is_train, upload_url=upload_url)
+        if self._file_uploader is None:  # what the sync path does with its files: data: URIs
+            self._file_uploader = lambda output: upload_files(output, upload_file=upload_file)
+
+    cog_runner.PredictTask.__init__ = __init__
 
 
 # -- webhooks -------------------------------------------------------------------------------------

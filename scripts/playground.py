@@ -1,51 +1,108 @@
 """`make playground COND=x`: a small page for trying one condition in a browser, on 127.0.0.1.
 
 Starts the condition's Cog server (as `make serve` does) and serves one static page next to it. The
-page talks to Cog only through its HTTP API (GET /openapi.json, POST /predictions), relayed by this
-process so that the browser sees one origin. The form is built from the served schema, so an input
-added to a predictor appears here with its type, choices, range and default.
+page talks to Cog only through its HTTP API (GET /openapi.json, an async PUT /predictions/{id} whose
+webhook comes back here), relayed by this process so that the browser sees one origin. The form is
+built from the served schema, so an input added to a predictor appears here with its type, choices,
+range and default.
+
+Not Gradio (what ControlNet's own demos use), though it was the first choice: gradio 6.31 would
+replace the fastapi, starlette and pillow of the one pinned environment that Cog's server, the tests
+and the images share (pip's resolver: fastapi 0.118 -> 0.165, starlette 0.48 -> 1.10, pillow 13.0 ->
+12.3), and the page would then talk to Cog through Gradio's Python backend rather than through Cog's
+HTTP API. One static page and the standard library's HTTP server need nothing new.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import threading
+import uuid
 import webbrowser
+from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
 
 PAGE = Path(__file__).with_name("playground.html")
-RELAYED = {"GET": ("/openapi.json", "/health-check"), "POST": ("/predictions",)}
+RELAYED = ("/openapi.json", "/health-check")
+KEPT = 16  # predictions whose latest state is kept for the page to poll
 
 
-def make_handler(cog_url: str, timeout: float = 3600):
+def make_handler(cog_url: str, timeout: float = 60):
+    """Predictions go to Cog asynchronously with a webhook back to this process, so the page can show
+    Cog's own progress lines while it runs (a synchronous POST answers only at the end)."""
+    states: OrderedDict[str, bytes] = OrderedDict()
+    lock = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path in ("/", "/index.html"):
                 self.reply(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+            elif self.path.startswith("/api/predictions/"):
+                with lock:
+                    state = states.get(self.path.removeprefix("/api/predictions/"))
+                self.reply(200, state, "application/json") if state else self.not_found()
+            elif self.path.startswith("/api/") and self.path.removeprefix("/api") in RELAYED:
+                self.relay("GET", self.path.removeprefix("/api"))
             else:
-                self.relay("GET")
+                self.not_found()
 
         def do_POST(self):
-            self.relay("POST")
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/hook/"):  # Cog's webhook: the prediction's state so far
+                prediction_id = self.path.removeprefix("/hook/")
+                with lock:
+                    if prediction_id in states:
+                        states[prediction_id] = body
+                self.reply(200, b"{}", "application/json")
+            elif self.path == "/api/predictions":
+                self.start(body)
+            else:
+                self.not_found()
 
-        def relay(self, method: str) -> None:
-            path = self.path.removeprefix("/api")
-            if not self.path.startswith("/api/") or path not in RELAYED[method]:
-                self.reply(404, b'{"detail": "not found"}', "application/json")
+        def start(self, body: bytes) -> None:
+            try:
+                request = json.loads(body)
+            except ValueError:
+                self.reply(422, b'{"detail": "the body is not JSON"}', "application/json")
                 return
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+            prediction_id = uuid.uuid4().hex
+            hook = f"http://127.0.0.1:{self.server.server_address[1]}/hook/{prediction_id}"
+            with lock:
+                states[prediction_id] = json.dumps({"id": prediction_id, "status": "starting"}).encode()
+                while len(states) > KEPT:
+                    states.popitem(last=False)
+            payload = json.dumps({**request, "webhook": hook}).encode() if isinstance(request, dict) else body
+            upstream = self.relay("PUT", f"/predictions/{prediction_id}", payload, {"Prefer": "respond-async"},
+                                  answer=False)
+            if upstream is None:
+                return
+            if upstream.status_code != 202:  # refused (422, 409...): the page shows Cog's answer
+                with lock:
+                    states.pop(prediction_id, None)
+                self.reply(upstream.status_code, upstream.content, upstream.headers.get("Content-Type", "application/json"))
+                return
+            self.reply(202, json.dumps({"id": prediction_id, "status": "starting"}).encode(), "application/json")
+
+        def relay(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                  answer: bool = True):
             try:
                 upstream = requests.request(
                     method, cog_url + path, data=body, timeout=timeout,
-                    headers={"Content-Type": "application/json"} if body is not None else {},
+                    headers={**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})},
                 )
             except requests.RequestException as exc:
                 self.reply(502, f'{{"detail": "Cog server unreachable: {type(exc).__name__}"}}'.encode(), "application/json")
-                return
-            self.reply(upstream.status_code, upstream.content, upstream.headers.get("Content-Type", "application/json"))
+                return None
+            if answer:
+                self.reply(upstream.status_code, upstream.content, upstream.headers.get("Content-Type", "application/json"))
+            return upstream
+
+        def not_found(self) -> None:
+            self.reply(404, b'{"detail": "not found"}', "application/json")
 
         def reply(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status)

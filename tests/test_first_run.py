@@ -175,12 +175,27 @@ def test_playground_in_a_headless_browser(canny, tmp_path):
 
             page.set_input_files("#in-image", str(image))
             page.fill("#in-prompt", "a cozy cottage with a red roof")
-            page.select_option("#in-image_resolution", "256")
-            page.fill("#in-ddim_steps", "2")
+            # Refused by the server: its own message on the page, no images.
+            page.fill("#in-ddim_steps", "0")
+            page.evaluate("document.getElementById('in-ddim_steps').removeAttribute('min')")
+            page.click("#run")
+            page.wait_for_selector("#status.failed")
+            assert page.text_content("#status").startswith("Refused (HTTP 422)") and "ddim_steps" in page.text_content("#status")
+            assert page.locator("figure img").count() == 0
+
+            # Progress while it runs: every status line the page shows is recorded.
+            page.evaluate("""window.seen = []; new MutationObserver(() => window.seen.push(
+                document.getElementById('status').textContent)).observe(document.getElementById('status'),
+                {childList: true, characterData: true, subtree: true})""")
+            page.select_option("#in-image_resolution", "512")
+            page.fill("#in-ddim_steps", "20")
             page.click("#run")
             page.wait_for_selector("figure img.sample", timeout=300_000)
+            progress = [line for line in page.evaluate("window.seen") if re.search(r"step \d+/20", line)]
+            assert progress, page.evaluate("window.seen")
             assert page.locator("figure img.control").count() == 1 and page.locator("figure img.sample").count() == 1
-            assert page.evaluate("[...document.querySelectorAll('figure img')].every(i => i.naturalWidth > 0)")
+            page.wait_for_function("[...document.querySelectorAll('figure img')].every(i => i.complete && i.naturalWidth > 0)",
+                                   timeout=30_000)
             seed = re.fullmatch(r"Seed: (\d+)", page.text_content("#seed")).group(1)
             assert f"Using seed: {seed}" in page.text_content("#logs")
             first = page.get_attribute("figure img.sample", "src")

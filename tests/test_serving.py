@@ -3,6 +3,7 @@ idempotent PUT, 409 while busy, uploads, malformed bodies, webhooks that fail, i
 the private-address switch, who may stop the server, and clean stops."""
 
 import base64
+import io
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import uuid
 
 import pytest
 import requests
+from PIL import Image
 
 from scripts.cog_server import CogServer, free_port, group_alive
 from tests.conftest import Receiver, drawing, png_bytes
@@ -121,6 +123,10 @@ def test_async_prediction_sends_its_events_in_order_with_progress_while_it_runs(
     statuses = [b["status"] for b in bodies]
     assert statuses[-1] == "succeeded" and set(statuses[:-1]) <= {"starting", "processing"}
     assert len(bodies[-1]["output"]) == 2
+    # No --upload-url: the files themselves, as the sync answer gives them (Cog sent its temp paths).
+    for uri in bodies[-1]["output"]:
+        assert uri.startswith("data:image/png;base64,")
+        assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (1024, 768)  # short side to 768
     # Progress arrived before the end: a webhook still "processing" already carried step lines.
     assert any(b["status"] == "processing" and "step 1/12" in (b.get("logs") or "") for b in bodies[:-1])
     assert "Timings:" in bodies[-1]["logs"] and "Using seed: 3" in bodies[-1]["logs"]
