@@ -83,7 +83,20 @@ def _base_components(base_dir: Path, override: Path | None, dtype, load) -> dict
             f"the fine-tuned base could not be read as an SD 1.5 checkpoint ({type(exc).__name__}); "
             "send an SD 1.5 (not SDXL / SD 2) .safetensors checkpoint"
         ) from None
-    return {"unet": single.unet, "vae": single.vae, "text_encoder": single.text_encoder}
+    # diffusers leaves on the meta device what it could not fill from the file (an SD 2 OpenCLIP text
+    # encoder, say, is half-mapped onto SD 1.5's CLIP without an error); .to(device) would then fail
+    # with "Cannot copy out of meta tensor".
+    components = {"unet": single.unet, "vae": single.vae, "text_encoder": single.text_encoder}
+    incomplete = [
+        name for name, module in components.items()
+        if any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+    ]
+    if incomplete:
+        raise BaseWeightsError(
+            f"the fine-tuned base could not be read as an SD 1.5 checkpoint (no {', '.join(incomplete)} weights "
+            "for SD 1.5 in it); send an SD 1.5 (not SDXL / SD 2) .safetensors checkpoint"
+        )
+    return components
 
 
 def _tokenizer_dir(base_dir: Path, override: Path | None) -> Path:
