@@ -126,6 +126,7 @@ class ControlNetPredictor(BasePredictor):
     # memory. COG_WEIGHTS is read here instead, and fetched to disk with bounds.
     def setup(self) -> None:
         start = time.perf_counter()
+        from models import fast
         from models.assets import AssetCache, fetch_weights
         from models.pipeline import ControlNetRunner, load_pipeline  # torch and diffusers: worker only
         from models.style import StyleAssets
@@ -142,6 +143,8 @@ class ControlNetPredictor(BasePredictor):
             # The name, never a server path: setup logs reach clients through /health-check.
             print(f"{self.condition}: {self.cog_weights} from COG_WEIGHTS ({_display(custom)})", flush=True)
         pipe = load_pipeline(self.weights.base, folders["controlnet_dir"], base_override=folders["base_override"])
+        # Opt-in until GPU figures say which options win (docs/benchmarks.md); an unknown name fails setup.
+        fast_options = fast.apply(pipe, fast.options_from_env())
         self.styles = StyleAssets(pipe)
         self.runner = ControlNetRunner(
             pipe,
@@ -151,6 +154,8 @@ class ControlNetPredictor(BasePredictor):
         )
         self._output_dir: str | None = None
         _remove_outputs_on_sigterm(self)
+        if "compile" in fast_options:
+            self._warm_up(fast)
         # Component names, not paths: setup logs reach clients through /health-check.
         served = ", ".join(
             f"{role}: {'COG_WEIGHTS' if custom and role == self.cog_weights else folder.name}"
@@ -161,6 +166,31 @@ class ControlNetPredictor(BasePredictor):
             f"({'tiny' if self.weights.tiny else 'real'} weights: {served})",
             flush=True,
         )
+
+    def _warm_up(self, fast) -> None:
+        """Compile every shape in CONTROLNET_WARMUP now (`resolution:num_samples` pairs, square input),
+        so those requests never wait for compilation; any other shape compiles on its first request."""
+        from PIL import Image, ImageDraw
+
+        spec = os.environ.get("CONTROLNET_WARMUP", "512:1")
+        try:
+            shapes = [(int(r), int(n)) for r, n in (item.split(":") for item in spec.split(",") if item.strip())]
+        except ValueError:
+            raise ValueError(f"CONTROLNET_WARMUP: expected resolution:num_samples pairs such as 512:1,768:1, got {spec!r}") from None
+        canvas = Image.new("RGB", (512, 512), "white")
+        ImageDraw.Draw(canvas).rectangle((128, 160, 384, 400), outline="black", width=8)
+        folder = tempfile.mkdtemp(prefix="controlnet-warm-up-")
+        try:
+            canvas.save(os.path.join(folder, "warm-up.png"))
+            start = time.perf_counter()
+            fast.warm_up(self.generate, [
+                dict(image=Path(os.path.join(folder, "warm-up.png")), prompt="warm-up", image_resolution=str(r),
+                     num_samples=str(n), ddim_steps=2, seed=1)
+                for r, n in shapes
+            ])
+            print(f"{self.condition}: compiled for {spec} in {time.perf_counter() - start:.1f}s", flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def tiny_warning(self) -> str:
         return (

@@ -66,17 +66,20 @@ def _base_components(base_dir: Path, override: Path | None, dtype, load) -> dict
     from safetensors import safe_open
 
     try:
-        with safe_open(str(override), "pt"):
-            pass
+        with safe_open(str(override), "pt") as f:
+            keys = list(f.keys())
     except Exception:
         raise BaseWeightsError(
             "the fine-tuned base is not a .safetensors file; send a single-file SD 1.5 .safetensors checkpoint "
             "or a diffusers folder (pickled .ckpt files are refused: they can run code)"
         ) from None
+    # Many fine-tunes are shared without a VAE (they use SD 1.5's): the stock one then, as a folder
+    # without vae/ gets.
+    kept = {} if any(k.startswith("first_stage_model.") for k in keys) else {"vae": stock["vae"]()}
     try:
         single = StableDiffusionPipeline.from_single_file(
             str(override), config=str(base_dir), local_files_only=True, torch_dtype=dtype,
-            safety_checker=None, requires_safety_checker=False,
+            safety_checker=None, requires_safety_checker=False, **kept,
         )
     except Exception as exc:
         raise BaseWeightsError(

@@ -82,3 +82,32 @@ def test_vae_nan_falls_back_to_float32_and_says_so(plain):
 @pytest.mark.skipif(not os.environ.get("CONTROLNET_TEST_COMPILE"), reason="set CONTROLNET_TEST_COMPILE=1 (make test-compile)")
 def test_compiled_fast_path_matches_plain(plain):
     assert_close(sample(runner(fast.OPTIONS)), sample(plain))
+
+
+# -- through the server: setup() applies CONTROLNET_FAST --------------------------------------------
+
+def test_the_server_serves_the_fast_path_it_is_asked_for_with_the_same_images(servers, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from conftest import png_bytes
+    from scripts.cog_server import CogServer
+
+    request = {"image": "data:image/png;base64," + base64.b64encode(png_bytes(drawing())).decode(),
+               "prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 11}
+
+    def samples(body):
+        assert body["status"] == "succeeded", body.get("error")
+        return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))), dtype=np.int16)
+                         for uri in body["output"][1:]])
+
+    plain_body = servers["canny"].predict(request).json()
+    with CogServer("canny", env={"CONTROLNET_FAST": "negcache,vae_guard,channels_last"},
+                   log_path=tmp_path / "fast.log") as quick:
+        assert "fast path: negcache, vae_guard, channels_last" in quick.log()
+        assert_close(samples(quick.predict(request).json()), samples(plain_body))
+    assert "fast path" not in servers["canny"].log()
+    with pytest.raises(RuntimeError, match=r"CONTROLNET_FAST: unknown option\(s\) cudagraph"):
+        CogServer("canny", env={"CONTROLNET_FAST": "cudagraph"}, log_path=tmp_path / "bad.log").start()

@@ -106,6 +106,16 @@ def test_a_single_file_base_loads_offline_with_exactly_its_weights(checkpoint, s
     assert_state_equal(pipe.controlnet, diffusers_state(stock.controlnet))
 
 
+def test_a_single_file_without_a_vae_gets_sd15s_own(checkpoint, stock, tmp_path, no_network):
+    path, ldm, expected = checkpoint
+    no_vae = tmp_path / "no-vae.safetensors"
+    save_file({k: v for k, v in ldm.items() if not k.startswith("first_stage_model.")}, no_vae)
+    pipe = load_pipeline(stock.base, stock.controlnet, device="cpu", base_override=no_vae)
+    assert_state_equal(pipe.vae, diffusers_state(stock.base / "vae"))
+    assert_state_equal(pipe.unet, expected["unet"])
+    assert_state_equal(pipe.text_encoder, expected["text_encoder"])
+
+
 def setup_with(monkeypatch, tmp_path, cog_weights):
     monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
     if cog_weights is None:
