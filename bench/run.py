@@ -381,6 +381,7 @@ def markdown(r: dict) -> str:
         figures["fast vs plain, same seed (max / mean abs, uint8)"] = (
             f"{r['fast_match']['max_abs']} / {r['fast_match']['mean_abs']:.3f} (ok: {r['fast_match']['ok']})")
     if "server" in r:
+        figures["server's fast path (CONTROLNET_FAST)"] = r.get("server_fast_path", "off")
         figures["server cold start to READY (s)"] = r["server_cold_start_ms"] / 1e3
         figures["server first prediction (ms)"] = r["server_first_prediction_ms"]
         figures["HTTP overhead, median (ms)"] = r["server"]["http_overhead"]["median_ms"]
@@ -459,8 +460,12 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"ratio_{variant}_vs_baseline"] = (
                     results["baseline"][head]["median_ms"] / results[variant][head]["median_ms"])
     if "server" not in args.skip:
-        measure_server(args, image, results, {**env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
-                       if args.device == "cpu" else env)
+        # The server serves what setup() applies: the same fast options, compiled for the timed shape.
+        served = "" if "fast" in args.skip else args.fast
+        server_env = {**env, "CONTROLNET_FAST": served, "CONTROLNET_WARMUP": f"{args.resolution}:1"}
+        results["server_fast_path"] = served or "off"
+        measure_server(args, image, results, {**server_env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+                       if args.device == "cpu" else server_env)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)
     (args.out / "results.md").write_text(table)
