@@ -153,7 +153,7 @@ class ControlNetPredictor(BasePredictor):
             map_interpolation=self.map_interpolation,
         )
         self._output_dir: str | None = None
-        _remove_outputs_on_sigterm(self)
+        remove_on_worker_stop(lambda: [self._output_dir] if self._output_dir else [])
         if "compile" in fast_options:
             self._warm_up(fast)
         # Component names, not paths: setup logs reach clients through /health-check.
@@ -396,9 +396,10 @@ class ControlNetPredictor(BasePredictor):
         return paths
 
 
-def _remove_outputs_on_sigterm(predictor) -> None:
-    """Cog stops its prediction worker with SIGTERM, which skips atexit: remove the last outputs first.
-    Only in such a worker (a multiprocessing child); a test process keeps its own signal handling."""
+def remove_on_worker_stop(folders) -> None:
+    """Cog stops its prediction worker with SIGTERM, and a multiprocessing child skips atexit: remove
+    the folders `folders()` names first. Only in such a worker; a test process keeps its own signal
+    handling."""
     import multiprocessing
     import signal
 
@@ -406,8 +407,8 @@ def _remove_outputs_on_sigterm(predictor) -> None:
         return
 
     def handler(signum, frame):
-        if predictor._output_dir:
-            shutil.rmtree(predictor._output_dir, ignore_errors=True)
+        for folder in folders():
+            shutil.rmtree(folder, ignore_errors=True)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

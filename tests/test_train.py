@@ -258,7 +258,9 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
     inputs = {"pairs": data_uri(archive, "application/zip"), "max_train_steps": 12, "resolution": 64,
               "train_batch_size": 2, "learning_rate": 2e-3, "seed": 3, "validation_every": 6,
               "mixed_precision": "no"}
-    with CogServer("custom", mode="train", log_path=tmp_path / "train.log") as trainer:
+    server_tmp = tmp_path / "server-tmp"
+    server_tmp.mkdir()
+    with CogServer("custom", mode="train", log_path=tmp_path / "train.log", env={"TMPDIR": str(server_tmp)}) as trainer:
         schema = requests.get(f"{trainer.url}/openapi.json", timeout=10).json()
         fields = schema["components"]["schemas"]["TrainingInput"]["properties"]
         assert fields["learning_rate"]["default"] == 1e-5 and fields["resolution"]["default"] == 512
@@ -271,6 +273,8 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
     assert body["status"] == "succeeded", body.get("error")
     assert "step 12/12  loss " in body["logs"] and "ETA" in body["logs"]
     assert len(body["output"]["validation_images"]) == 2  # at steps 6 and 12
+    # The returned files live until the next training or the server's stop, then nothing is left.
+    assert [p.name for p in server_tmp.iterdir() if p.name.startswith("controlnet-train-")] == []
     weights_tar = tmp_path / "controlnet.tar"
     weights_tar.write_bytes(from_uri(body["output"]["weights"]))
 

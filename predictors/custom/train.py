@@ -20,11 +20,14 @@ from typing import List, Optional
 
 from cog import BaseModel, Input, Path
 
+from cog_base.predictor import remove_on_worker_stop
+
 # Serving and training never download: the base comes from the local weights folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONDITION = "custom"
 _last_output: list[str] = []  # the previous training's files, removed when the next one starts
+remove_on_worker_stop(lambda: list(_last_output))  # and when the server stops
 
 
 class TrainingOutput(BaseModel):
