@@ -34,6 +34,18 @@ def predictor_class(condition):
     return importlib.import_module(f"predictors.{condition}.predict").Predictor
 
 
+def setup_with(monkeypatch, tmp_path, cog_weights, condition="canny"):
+    """A predictor set up in this process with COG_WEIGHTS set to `cog_weights` (None: unset)."""
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
+    if cog_weights is None:
+        monkeypatch.delenv("COG_WEIGHTS", raising=False)
+    else:
+        monkeypatch.setenv("COG_WEIGHTS", str(cog_weights))
+    p = predictor_class(condition)()
+    p.setup()
+    return p
+
+
 def drawing(width=400, height=300, mode="RGB") -> Image.Image:
     """A photo-like test image with strong edges: a rectangle, a circle and a diagonal line."""
     rng = np.random.default_rng(0)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import weights
 from models.pipeline import BaseWeightsError, load_pipeline
-from tests.conftest import predictor_class
+from tests.conftest import setup_with
 from tests.ldm_checkpoint import CLIP, UNET, to_ldm
 
 FAST = dict(ddim_steps=2, image_resolution="256", seed=21)
@@ -114,17 +114,6 @@ def test_a_single_file_without_a_vae_gets_sd15s_own(checkpoint, stock, tmp_path,
     assert_state_equal(pipe.vae, diffusers_state(stock.base / "vae"))
     assert_state_equal(pipe.unet, expected["unet"])
     assert_state_equal(pipe.text_encoder, expected["text_encoder"])
-
-
-def setup_with(monkeypatch, tmp_path, cog_weights):
-    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
-    if cog_weights is None:
-        monkeypatch.delenv("COG_WEIGHTS", raising=False)
-    else:
-        monkeypatch.setenv("COG_WEIGHTS", str(cog_weights))
-    p = predictor_class("canny")()
-    p.setup()
-    return p
 
 
 def sample(predictor, image) -> np.ndarray:

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from models.assets import AssetCache, AssetError
-from tests.conftest import predictor_class
+from tests.conftest import predictor_class, setup_with
 
 FAST = dict(ddim_steps=2, image_resolution="256", seed=21)
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -248,17 +248,6 @@ def finetuned(tmp_path_factory, canny):
     with tarfile.open(archive, "w") as tar:
         tar.add(folder, arcname="my-model")
     return archive
-
-
-def setup_with(monkeypatch, tmp_path, cog_weights):
-    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
-    if cog_weights is None:
-        monkeypatch.delenv("COG_WEIGHTS", raising=False)
-    else:
-        monkeypatch.setenv("COG_WEIGHTS", str(cog_weights))
-    p = predictor_class("canny")()
-    p.setup()
-    return p
 
 
 def test_a_fine_tuned_base_replaces_the_unet_and_keeps_the_controlnet(monkeypatch, tmp_path, canny, finetuned, host, image_file, capsys):
