@@ -39,6 +39,9 @@ def test_release_workflow_tests_then_builds_and_pushes_every_condition():
     assert order == sorted(order)
     assert "secrets.REGISTRY" in str(image["steps"][order[3]])
     assert flow["env"]["COG_VERSION"] == f"v{MIN_COG_CLI}"
+    # cog login takes a token on stdin only for r8.im; other registries need docker login (no terminal in CI).
+    login = next(run for run in runs if "login" in run)
+    assert "cog login --token-stdin" in login and "docker login" in login and "--password-stdin" in login
 
 
 def knative_validator():
