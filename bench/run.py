@@ -462,7 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     if "server" not in args.skip:
         # The server serves what setup() applies: the same fast options, compiled for the timed shape.
         served = "" if "fast" in args.skip else args.fast
-        server_env = {**env, "CONTROLNET_FAST": served, "CONTROLNET_WARMUP": f"{args.resolution}:1"}
+        from PIL import Image
+
+        from models.image import target_size
+
+        with Image.open(image) as img:
+            height, width = target_size(img.height, img.width, args.resolution)
+        server_env = {**env, "CONTROLNET_FAST": served, "CONTROLNET_WARMUP": f"{width}x{height}:1"}
         results["server_fast_path"] = served or "off"
         measure_server(args, image, results, {**server_env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
                        if args.device == "cpu" else server_env)

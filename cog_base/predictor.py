@@ -168,26 +168,37 @@ class ControlNetPredictor(BasePredictor):
         )
 
     def _warm_up(self, fast) -> None:
-        """Compile every shape in CONTROLNET_WARMUP now (`resolution:num_samples` pairs, square input),
-        so those requests never wait for compilation; any other shape compiles on its first request."""
+        """Compile every shape in CONTROLNET_WARMUP now, so those requests never wait for compilation;
+        any other shape compiles on its first request. Items are `WIDTHxHEIGHT:num_samples` (the
+        generated size, multiples of 64, e.g. 704x512:1 for a 4:3 photo at image_resolution 512) or
+        `SIZE:num_samples` for a square."""
         from PIL import Image, ImageDraw
 
         spec = os.environ.get("CONTROLNET_WARMUP", "512:1")
-        try:
-            shapes = [(int(r), int(n)) for r, n in (item.split(":") for item in spec.split(",") if item.strip())]
-        except ValueError:
-            raise ValueError(f"CONTROLNET_WARMUP: expected resolution:num_samples pairs such as 512:1,768:1, got {spec!r}") from None
-        canvas = Image.new("RGB", (512, 512), "white")
-        ImageDraw.Draw(canvas).rectangle((128, 160, 384, 400), outline="black", width=8)
+        shapes = []
+        for item in (part.strip() for part in spec.split(",") if part.strip()):
+            try:
+                size, count = item.split(":")
+                width, height = (int(v) for v in (size.split("x") if "x" in size else (size, size)))
+                shapes.append((width, height, int(count)))
+            except ValueError:
+                raise ValueError(
+                    f"CONTROLNET_WARMUP: expected WIDTHxHEIGHT:num_samples or SIZE:num_samples items such as "
+                    f"704x512:1,512:4, got {item!r}"
+                ) from None
         folder = tempfile.mkdtemp(prefix="controlnet-warm-up-")
         try:
-            canvas.save(os.path.join(folder, "warm-up.png"))
             start = time.perf_counter()
-            fast.warm_up(self.generate, [
-                dict(image=Path(os.path.join(folder, "warm-up.png")), prompt="warm-up", image_resolution=str(r),
-                     num_samples=str(n), ddim_steps=2, seed=1)
-                for r, n in shapes
-            ])
+            calls = []
+            for width, height, count in shapes:
+                canvas = Image.new("RGB", (width, height), "white")
+                ImageDraw.Draw(canvas).rectangle((width // 4, height // 4, 3 * width // 4, 3 * height // 4),
+                                                 outline="black", width=8)
+                path = os.path.join(folder, f"{width}x{height}.png")
+                canvas.save(path)
+                calls.append(dict(image=Path(path), prompt="warm-up", width=width, height=height,
+                                  num_samples=str(count), ddim_steps=2, seed=1))
+            fast.warm_up(self.generate, calls)
             print(f"{self.condition}: compiled for {spec} in {time.perf_counter() - start:.1f}s", flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

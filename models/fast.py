@@ -119,8 +119,9 @@ def compile_cache_dir(weights_root: Path | None = None) -> Path:
 
 
 def compile_models(pipe, mode: str | None = None) -> None:
-    # Must be set before the first compilation reads it.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    # Set, not defaulted: Inductor's cache_dir() writes its default into this variable the first time
+    # anything asks (an import may have), and it is read again at every compilation.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     on_cuda = pipe.device.type == "cuda"
     mode = mode or os.environ.get("CONTROLNET_COMPILE_MODE") or ("max-autotune" if on_cuda else "max-autotune-no-cudagraphs")
     # dynamic=False: one graph per served shape, warmed in setup(); a new shape recompiles (logged by torch).

@@ -86,28 +86,50 @@ def test_compiled_fast_path_matches_plain(plain):
 
 # -- through the server: setup() applies CONTROLNET_FAST --------------------------------------------
 
-def test_the_server_serves_the_fast_path_it_is_asked_for_with_the_same_images(servers, tmp_path):
+def served_request():
+    import base64
+
+    from conftest import png_bytes
+
+    return {"image": "data:image/png;base64," + base64.b64encode(png_bytes(drawing())).decode(),
+            "prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 11}
+
+
+def served_samples(body):
     import base64
     import io
 
     from PIL import Image
 
-    from conftest import png_bytes
+    assert body["status"] == "succeeded", body.get("error")
+    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))), dtype=np.int16)
+                     for uri in body["output"][1:]])
+
+
+def test_the_server_serves_the_fast_path_it_is_asked_for_with_the_same_images(servers, tmp_path):
     from scripts.cog_server import CogServer
 
-    request = {"image": "data:image/png;base64," + base64.b64encode(png_bytes(drawing())).decode(),
-               "prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 11}
-
-    def samples(body):
-        assert body["status"] == "succeeded", body.get("error")
-        return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))), dtype=np.int16)
-                         for uri in body["output"][1:]])
-
+    request = served_request()
     plain_body = servers["canny"].predict(request).json()
     with CogServer("canny", env={"CONTROLNET_FAST": "negcache,vae_guard,channels_last"},
                    log_path=tmp_path / "fast.log") as quick:
         assert "fast path: negcache, vae_guard, channels_last" in quick.log()
-        assert_close(samples(quick.predict(request).json()), samples(plain_body))
+        assert_close(served_samples(quick.predict(request).json()), served_samples(plain_body))
     assert "fast path" not in servers["canny"].log()
     with pytest.raises(RuntimeError, match=r"CONTROLNET_FAST: unknown option\(s\) cudagraph"):
         CogServer("canny", env={"CONTROLNET_FAST": "cudagraph"}, log_path=tmp_path / "bad.log").start()
+
+
+@pytest.mark.skipif(not os.environ.get("CONTROLNET_TEST_COMPILE"), reason="set CONTROLNET_TEST_COMPILE=1 (make test-compile)")
+def test_a_compiled_server_warms_up_in_setup_and_serves_the_same_images(servers, tmp_path):
+    from scripts.cog_server import CogServer
+
+    request = served_request()
+    plain_body = servers["canny"].predict(request).json()
+    # The drawing (400x300) at image_resolution 256 is generated at 320x256.
+    env = {"CONTROLNET_FAST": "all", "CONTROLNET_WARMUP": "320x256:1", "CONTROLNET_COMPILE_CACHE": str(tmp_path / "inductor")}
+    with CogServer("canny", env=env, log_path=tmp_path / "compiled.log") as compiled:
+        assert "compiled for 320x256:1 in" in compiled.log()
+        body = compiled.predict(request).json()
+    assert_close(served_samples(body), served_samples(plain_body))
+    assert any((tmp_path / "inductor").iterdir())  # the cache a restarted container would reuse
