@@ -46,7 +46,7 @@ def make_handler(cog_url: str, timeout: float = 60):
                     state = states.get(self.path.removeprefix("/api/predictions/"))
                 self.reply(200, state, "application/json") if state else self.not_found()
             elif self.path.startswith("/api/") and self.path.removeprefix("/api") in RELAYED:
-                self.relay("GET", self.path.removeprefix("/api"))
+                self.reply(*self.ask_cog("GET", self.path.removeprefix("/api")))
             else:
                 self.not_found()
 
@@ -71,35 +71,31 @@ def make_handler(cog_url: str, timeout: float = 60):
                 return
             prediction_id = uuid.uuid4().hex
             hook = f"http://127.0.0.1:{self.server.server_address[1]}/hook/{prediction_id}"
+            starting = json.dumps({"id": prediction_id, "status": "starting"}).encode()
             with lock:
-                states[prediction_id] = json.dumps({"id": prediction_id, "status": "starting"}).encode()
+                states[prediction_id] = starting
                 while len(states) > KEPT:
                     states.popitem(last=False)
             payload = json.dumps({**request, "webhook": hook}).encode() if isinstance(request, dict) else body
-            upstream = self.relay("PUT", f"/predictions/{prediction_id}", payload, {"Prefer": "respond-async"},
-                                  answer=False)
-            if upstream is None:
+            answer = self.ask_cog("PUT", f"/predictions/{prediction_id}", payload, {"Prefer": "respond-async"})
+            if answer[0] == 202:
+                self.reply(202, starting, "application/json")
                 return
-            if upstream.status_code != 202:  # refused (422, 409...): the page shows Cog's answer
-                with lock:
-                    states.pop(prediction_id, None)
-                self.reply(upstream.status_code, upstream.content, upstream.headers.get("Content-Type", "application/json"))
-                return
-            self.reply(202, json.dumps({"id": prediction_id, "status": "starting"}).encode(), "application/json")
+            with lock:  # refused (422, 409...) or unreachable: the page shows why
+                states.pop(prediction_id, None)
+            self.reply(*answer)
 
-        def relay(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-                  answer: bool = True):
+        def ask_cog(self, method: str, path: str, body: bytes | None = None,
+                    headers: dict | None = None) -> tuple[int, bytes, str]:
+            """Cog's status, body and content type; 502 when it cannot be reached."""
             try:
                 upstream = requests.request(
                     method, cog_url + path, data=body, timeout=timeout,
                     headers={**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})},
                 )
             except requests.RequestException as exc:
-                self.reply(502, f'{{"detail": "Cog server unreachable: {type(exc).__name__}"}}'.encode(), "application/json")
-                return None
-            if answer:
-                self.reply(upstream.status_code, upstream.content, upstream.headers.get("Content-Type", "application/json"))
-            return upstream
+                return 502, f'{{"detail": "Cog server unreachable: {type(exc).__name__}"}}'.encode(), "application/json"
+            return upstream.status_code, upstream.content, upstream.headers.get("Content-Type", "application/json")
 
         def not_found(self) -> None:
             self.reply(404, b'{"detail": "not found"}', "application/json")
