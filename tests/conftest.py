@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["CONTROLNET_WEIGHTS"] = "tiny"
 
+import base64
 import http.server
 import importlib
 import io
@@ -32,6 +33,15 @@ def tiny_weights():
 
 def predictor_class(condition):
     return importlib.import_module(f"predictors.{condition}.predict").Predictor
+
+
+def data_uri(raw: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def decode(uri: str) -> Image.Image:
+    assert uri.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
 
 def setup_with(monkeypatch, tmp_path, cog_weights, condition="canny"):
@@ -158,3 +168,17 @@ class Receiver:
                 return bodies
             time.sleep(0.1)
         raise TimeoutError(f"no final webhook at {path}: {self.for_prediction(path)}")
+
+    def wait_logs(self, path, text, timeout=600):
+        """Until a webhook at `path` carries `text` in its logs (progress before acting on a run)."""
+        deadline = time.monotonic() + timeout
+        while not any(text in (body.get("logs") or "") for body in self.for_prediction(path)):
+            assert time.monotonic() < deadline, f"no {text!r} in the webhooks at {path}"
+            time.sleep(0.1)
+
+
+def wait_idle(server, timeout=300):
+    deadline = time.monotonic() + timeout
+    while server.health() != "READY" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.health() == "READY"

@@ -16,7 +16,7 @@ from models.detectors.canny import CannyDetector
 from models.image import target_size
 from models.pipeline import ControlNetRunner, Request, load_pipeline
 
-from conftest import drawing
+from conftest import data_uri, decode, drawing, png_bytes
 
 MAX_DIFF, MEAN_DIFF = 2, 0.5
 
@@ -87,23 +87,13 @@ def test_compiled_fast_path_matches_plain(plain):
 # -- through the server: setup() applies CONTROLNET_FAST --------------------------------------------
 
 def served_request():
-    import base64
-
-    from conftest import png_bytes
-
-    return {"image": "data:image/png;base64," + base64.b64encode(png_bytes(drawing())).decode(),
-            "prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 11}
+    return {"image": data_uri(png_bytes(drawing())), "prompt": "a house", "image_resolution": "256",
+            "ddim_steps": 2, "seed": 11}
 
 
 def served_samples(body):
-    import base64
-    import io
-
-    from PIL import Image
-
     assert body["status"] == "succeeded", body.get("error")
-    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))), dtype=np.int16)
-                     for uri in body["output"][1:]])
+    return np.stack([np.asarray(decode(uri), dtype=np.int16) for uri in body["output"][1:]])
 
 
 def test_the_server_serves_the_fast_path_it_is_asked_for_with_the_same_images(servers, tmp_path):

@@ -1,7 +1,6 @@
 """What a new user meets first: `make help`, quiet output, the tiny tokenizer, the README's curl
 example as written, and the playground page in a real headless browser."""
 
-import json
 import os
 import re
 import shutil

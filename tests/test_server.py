@@ -1,27 +1,15 @@
 """The real Cog HTTP server (`python -m cog.server.http`, the image's entry point), one per condition."""
 
 import base64
-import io
 
 import pytest
 import requests
-from PIL import Image
 
 import weights
 from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS
-from scripts.cog_server import CogServer
-from tests.conftest import drawing, png_bytes, predictor_class
+from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class
 
 CONDITIONS = weights.CONDITIONS
-
-
-def data_uri(raw: bytes, mime="image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
-
-
-def decode(uri: str) -> Image.Image:
-    assert uri.startswith("data:image/png;base64,")
-    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
 
 def schema_inputs(server):

@@ -3,7 +3,6 @@ idempotent PUT, 409 while busy, uploads, malformed bodies, webhooks that fail, i
 the private-address switch, who may stop the server, and clean stops."""
 
 import base64
-import io
 import os
 import re
 import signal
@@ -14,10 +13,9 @@ import uuid
 
 import pytest
 import requests
-from PIL import Image
 
 from scripts.cog_server import CogServer, free_port, group_alive
-from tests.conftest import Receiver, drawing, png_bytes
+from tests.conftest import Receiver, decode, drawing, png_bytes, wait_idle
 
 IMAGE = "data:image/png;base64," + base64.b64encode(png_bytes(drawing())).decode()
 QUICK = {"image": IMAGE, "prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 3}
@@ -69,13 +67,6 @@ def seconds_per_step(logs: str) -> float:
     return float(elapsed) / int(step)
 
 
-def wait_idle(server, timeout=300):
-    deadline = time.monotonic() + timeout
-    while server.health() != "READY" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server.health() == "READY"
-
-
 # -- malformed requests -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body", ["{}", "null", '{"input": null}', "[]", '"text"', "not json", ""])
@@ -124,9 +115,7 @@ def test_async_prediction_sends_its_events_in_order_with_progress_while_it_runs(
     assert statuses[-1] == "succeeded" and set(statuses[:-1]) <= {"starting", "processing"}
     assert len(bodies[-1]["output"]) == 2
     # No --upload-url: the files themselves, as the sync answer gives them (Cog sent its temp paths).
-    for uri in bodies[-1]["output"]:
-        assert uri.startswith("data:image/png;base64,")
-        assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (1024, 768)  # short side to 768
+    assert [decode(uri).size for uri in bodies[-1]["output"]] == [(1024, 768)] * 2  # short side to 768
     # Progress arrived before the end: a webhook still "processing" already carried step lines.
     assert any(b["status"] == "processing" and "step 1/12" in (b.get("logs") or "") for b in bodies[:-1])
     assert "Timings:" in bodies[-1]["logs"] and "Using seed: 3" in bodies[-1]["logs"]
@@ -145,10 +134,7 @@ def test_cancel_ends_within_a_step_then_the_next_prediction_succeeds(servers, re
     prediction_id = uuid.uuid4().hex
     path = f"/hook/{prediction_id}"
     assert post_async(server, LONG, receiver.url(path), prediction_id=prediction_id).status_code == 202
-    deadline = time.monotonic() + 600
-    while not any("step 1/" in (b.get("logs") or "") for b in receiver.for_prediction(path)):
-        assert time.monotonic() < deadline, "no progress before cancelling"
-        time.sleep(0.1)
+    receiver.wait_logs(path, "step 1/")  # progress before cancelling
     # A second client while it runs: 409, written in the README.
     busy = server.predict(QUICK, timeout=30)
     assert busy.status_code == 409

@@ -5,10 +5,8 @@ text encoder, and served from a local HTTP server on 127.0.0.1, as a user's file
 """
 
 import base64
-import functools
 import http.server
 import shutil
-import socket
 import tarfile
 import threading
 import time

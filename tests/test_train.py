@@ -5,7 +5,6 @@ import io
 import json
 import shutil
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from models.train import (
 )
 from models.train_data import TrainingDataError, read_pairs
 from scripts.cog_server import CogServer
-from tests.conftest import Receiver
+from tests.conftest import Receiver, data_uri, wait_idle
 
 
 def png(img: Image.Image) -> bytes:
@@ -243,10 +242,6 @@ def test_mixed_sizes_are_resized_and_said_in_the_logs(tmp_path, frozen):
 
 # -- (c) train through Cog, serve the result through Cog ---------------------------------------------
 
-def data_uri(raw: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
-
-
 def from_uri(uri: str) -> bytes:
     return base64.b64decode(uri.split(",", 1)[1])
 
@@ -299,18 +294,12 @@ def assert_a_training_can_be_cancelled(trainer, inputs):
     body = {"input": long, "webhook": receiver.url("/hook/t1")}
     started = requests.put(f"{trainer.url}/trainings/t1", json=body, headers={"Prefer": "respond-async"}, timeout=30)
     assert started.status_code == 202, started.text
-    deadline = time.monotonic() + 600
-    while not any("step 1/" in (b.get("logs") or "") for b in receiver.for_prediction("/hook/t1")):
-        assert time.monotonic() < deadline, "no training progress before cancelling"
-        time.sleep(0.1)
+    receiver.wait_logs("/hook/t1", "step 1/")  # training progress before cancelling
     assert requests.post(f"{trainer.url}/trainings/t1/cancel", timeout=10).status_code == 200
     final = receiver.wait_final("/hook/t1", timeout=120)[-1]
     assert final["status"] == "canceled" and "step 100000/" not in final["logs"]
     assert requests.post(f"{trainer.url}/trainings/unknown/cancel", timeout=10).status_code == 404
-    deadline = time.monotonic() + 60
-    while trainer.health() != "READY":
-        assert time.monotonic() < deadline, "the server did not return to READY after the cancel"
-        time.sleep(0.2)
+    wait_idle(trainer, timeout=60)
 
 
 def test_make_weights_derives_the_untrained_controlnet_from_the_real_base(tmp_path, monkeypatch):
