@@ -108,11 +108,33 @@ def server(request, servers):
     return servers[request.param]
 
 
+def trickle(handler, headers_too=False, seconds=60, interval=0.2):
+    """Answer a GET one byte at a time (the body, or the headers too), as a host that holds a download open."""
+    try:
+        if headers_too:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * int(seconds / interval):
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+                time.sleep(interval)
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(int(seconds / interval)))
+        handler.end_headers()
+        handler.wfile.flush()
+        for _ in range(int(seconds / interval)):
+            handler.wfile.write(b"\0")
+            handler.wfile.flush()
+            time.sleep(interval)
+    except OSError:  # the client hung up, as it should
+        pass
+
+
 class Receiver:
-    """A client's HTTP endpoint on loopback: records webhooks (POST) and uploads (PUT); /hang never answers."""
+    """A client's HTTP endpoint on loopback: records webhooks (POST) and uploads (PUT); serves `files` (path ->
+    bytes) to GET; /hang never answers; /trickle and /trickle-headers send a byte every 0.2 s for a minute."""
 
     def __init__(self):
-        self.events, self.uploads = [], {}
+        self.events, self.uploads, self.files = [], {}, {}
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -136,6 +158,16 @@ class Receiver:
             def do_GET(self):  # image URLs
                 if self.path.startswith("/hang"):
                     time.sleep(60)
+                    return
+                if self.path.startswith("/trickle"):  # a byte every 0.2 s, for a minute: under every read timeout
+                    trickle(self, headers_too="headers" in self.path)
+                    return
+                if self.path in receiver.files:
+                    body = receiver.files[self.path]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                     return
                 if self.path.startswith("/big"):
                     self.send_response(200)
