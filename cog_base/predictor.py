@@ -350,6 +350,8 @@ class ControlNetPredictor(BasePredictor):
                 timings.update(result.timings)
                 samples = [_resize_exact(img, out_w, out_h) for img in result.samples]
         except (InputImageError, AssetError) as exc:
+            if isinstance(exc, AssetError):
+                self.assets.forget(lora_url, embedding_url)  # a file that failed is not kept under its URL
             raise ValueError(str(exc)) from None
         except NonFiniteOutputError as exc:
             raise ExpectedFault(str(exc)) from None

@@ -64,6 +64,12 @@ class AssetCache:
         self.evict(keep=path)
         return path
 
+    def forget(self, *sources: str) -> None:
+        """Drop these assets: one that failed must be fetched again next time (its host may have fixed it)."""
+        for source in sources:
+            if source:
+                self.path_for(source.strip()).unlink(missing_ok=True)
+
     def _download(self, url: str, path: Path, what: str) -> None:
         try:
             download(url, path, what, self.max_file_bytes, self.timeout_s)

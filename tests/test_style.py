@@ -162,6 +162,18 @@ def test_a_repeated_url_is_not_downloaded_again(canny, host, image_file):
     assert host.hits["/once.safetensors"] == 1
 
 
+@pytest.mark.parametrize("bad", [b"not a safetensors file", "sdxl-lora.safetensors"])
+def test_a_file_that_failed_is_fetched_again_once_fixed(canny, host, image_file, bad):
+    """The cache kept a failed file under its URL, so fixing the file at the same URL still failed."""
+    name = f"fixed-later-{len(host.hits)}.safetensors"
+    (host.folder / name).write_bytes(bad if isinstance(bad, bytes) else (host.folder / bad).read_bytes())
+    with pytest.raises(ValueError, match="not a .safetensors file|not a LoRA"):
+        sample(canny, image_file(), lora_url=host.url(name))
+    (host.folder / name).write_bytes((host.folder / "style-a.safetensors").read_bytes())
+    with_lora = sample(canny, image_file(), lora_url=host.url(name))
+    assert mean_diff(with_lora, sample(canny, image_file())) > 0.5 and host.hits[f"/{name}"] == 2
+
+
 def test_a_lora_as_data_uri(canny, host, image_file):
     raw = (host.folder / "style-a.safetensors").read_bytes()
     uri = "data:application/octet-stream;base64," + base64.b64encode(raw).decode()
