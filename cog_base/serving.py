@@ -36,8 +36,10 @@ Every fix is tested through the real server (tests/test_serving.py).
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import json
+import math
 import os
 import queue
 import shutil
@@ -49,6 +51,8 @@ import time
 import traceback
 import types
 from pathlib import Path
+
+from cog_base import cancel
 
 MAX_BODY_BYTES = int(float(os.environ.get("CONTROLNET_MAX_BODY_MB", "64")) * 2**20)
 IMAGE_MAX_BYTES = int(float(os.environ.get("CONTROLNET_IMAGE_MAX_MB", "50")) * 2**20)
@@ -71,8 +75,10 @@ def install() -> None:
         _patch_url_inputs()
         _patch_webhooks()
         _patch_async_outputs()
+        cancel.install_http()
     _patch_path_validation()
     _patch_worker_tracebacks()
+    cancel.install_worker()
 
 
 def _running_cog_http() -> bool:
@@ -88,16 +94,42 @@ def _json_response(status: int, detail):
     return status, headers, body
 
 
+class _NonFinite(str):
+    """A NaN, Infinity or out-of-range number (1e999) in a body, as written."""
+
+
+def _finite_float(text: str):
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
 def _body_problem(raw: bytes) -> str | None:
     """Why a prediction/training body is not one Cog can take, or None."""
     try:
-        body = json.loads(raw) if raw.strip() else None
+        # Python's JSON takes the bare tokens NaN and Infinity, which no JSON client should send; Cog
+        # answered them with 500 when it encoded its reply.
+        body = json.loads(raw, parse_constant=_NonFinite, parse_float=_finite_float) if raw.strip() else None
     except ValueError:
         return "the body is not valid JSON; send {\"input\": {...}}"
     if not isinstance(body, dict):
         return "the body must be a JSON object: {\"input\": {...}}"
     if not isinstance(body.get("input"), dict):
         return "the body needs an \"input\" object holding the inputs: {\"input\": {\"image\": ..., \"prompt\": ...}}"
+    where = _non_finite_at(body)
+    if where:
+        path, token = where
+        return f"{path} is {token}, not a finite number; send a finite number"
+    return None
+
+
+def _non_finite_at(value, path: str = "") -> tuple[str, str] | None:
+    if isinstance(value, _NonFinite):
+        return path, str(value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite_at(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip("."))
+        if found:
+            return found
     return None
 
 
@@ -232,6 +264,7 @@ def _start_watchdog() -> None:
     def watchdog():
         time.sleep(STOP_WATCHDOG_S)
         print(f"controlnet-cog: still running {STOP_WATCHDOG_S:.0f}s after the stop signal; exiting now", file=sys.stderr, flush=True)
+        remove_inputs()
         for child in _children():
             try:
                 os.kill(child, signal.SIGKILL)
@@ -278,28 +311,42 @@ def _patch_url_inputs() -> None:
     def convert(self):
         if self._path is None:
             dest = Path(tempfile.mkdtemp(prefix="cog-input-")) / (self.filename or "input")
+            _input_dirs.add(dest.parent)
             try:
                 if str(self.source).startswith("data:"):  # already decoded, bounded by the body size
                     with open(dest, "wb") as out:
                         shutil.copyfileobj(self.fileobj, out)
                 else:
-                    download(self.source, dest, "image URL", IMAGE_MAX_BYTES, IMAGE_TIMEOUT_S)
+                    download(self.source, dest, "image URL", IMAGE_MAX_BYTES, IMAGE_TIMEOUT_S,
+                             abort=cancel.current_stop())
             except URLError as exc:
-                shutil.rmtree(dest.parent, ignore_errors=True)
+                _remove_input_dir(dest.parent)
                 raise ValueError(str(exc)) from None
             self._path = dest
         return self._path
 
     def unlink(self, missing_ok: bool = False) -> None:
         if self._path:
-            self._path.unlink(missing_ok=True)
-            try:
-                self._path.parent.rmdir()
-            except OSError:
-                pass
+            _remove_input_dir(self._path.parent)
 
     cog_types.URLPath.convert = convert
     cog_types.URLPath.unlink = unlink
+    atexit.register(remove_inputs)
+
+
+# The input folders of predictions in flight; a stop removes them (Cog's cleanup runs only when a
+# prediction ends, and a stop does not wait for that).
+_input_dirs: set[Path] = set()
+
+
+def _remove_input_dir(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    _input_dirs.discard(folder)
+
+
+def remove_inputs() -> None:
+    for folder in list(_input_dirs):
+        _remove_input_dir(folder)
 
 
 # -- async outputs --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Callable
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from models import critical
 from models.assets import AssetError
 
 ADAPTER = "request"
@@ -65,9 +66,10 @@ class StyleAssets:
     ):
         """The pipeline with these assets for the length of the block (none: the base pipeline)."""
         if lora_key != self.lora_key:
-            self._unload_lora()
-            if lora is not None:
-                self._load_lora(lora, lora_key)
+            with critical.section():  # a cancel waits: half a LoRA, or one not recorded, would stay loaded
+                self._unload_lora()
+                if lora is not None:
+                    self._load_lora(lora, lora_key)
         if lora is not None:
             self.pipe.set_adapters([ADAPTER], [lora_scale])
         added = False
@@ -76,7 +78,8 @@ class StyleAssets:
                 state = _read(embedding, "embedding_url")
                 added = True  # a load that fails half-way may already have added the token
                 try:
-                    self.pipe.load_textual_inversion(state, token=token)
+                    with critical.section():
+                        self.pipe.load_textual_inversion(state, token=token)
                 except ValueError as exc:
                     raise AssetError(
                         f"embedding_url: {str(exc).strip().splitlines()[0][:200]}. Use a token that is not a "
@@ -85,5 +88,5 @@ class StyleAssets:
             yield
         finally:
             if added:
-                with contextlib.suppress(ValueError):  # nothing was added after all
+                with critical.section(), contextlib.suppress(ValueError):  # nothing was added after all
                     self.pipe.unload_textual_inversion()
