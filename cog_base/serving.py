@@ -59,6 +59,7 @@ IMAGE_MAX_BYTES = int(float(os.environ.get("CONTROLNET_IMAGE_MAX_MB", "50")) * 2
 IMAGE_TIMEOUT_S = float(os.environ.get("CONTROLNET_IMAGE_TIMEOUT_S", "30"))
 WEBHOOK_TIMEOUT = (3.0, 5.0)  # connect, read
 WEBHOOK_RETRIES = 2  # the final webhook only; at most ~3 x 8 s, on a thread of its own
+STOP_GRACE_S = 2.0  # what a request still open at a stop gets to finish
 STOP_WATCHDOG_S = 9.0
 REQUEST_ROUTES = ("/predictions", "/trainings")
 
@@ -221,6 +222,10 @@ def _patch_http_main(main) -> None:
     class GuardedServer(server_class):
         def __init__(self, config):
             config.app = Guard(config.app)
+            # uvicorn waits for open requests (a sync prediction) before the app's shutdown, which stops
+            # the worker; Cog gives up after 5 s and skips that shutdown, so the worker's files stayed
+            # and the watchdog had to end the process.
+            config.timeout_graceful_shutdown = STOP_GRACE_S
             super().__init__(config=config)
 
     main.Server = GuardedServer

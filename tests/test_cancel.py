@@ -2,15 +2,17 @@
 (cog_base/cancel.py, cog_base/serving.py): a cancel the server accepts always ends `canceled`, leaves
 the server READY and serving, and a stop leaves none of a client's files behind."""
 
+import json
 import signal
+import threading
 import time
 import uuid
 
 import pytest
 import requests
 
-from scripts.cog_server import CogServer
-from tests.conftest import Receiver, wait_idle
+from scripts.cog_server import CogServer, group_alive
+from tests.conftest import Receiver, data_uri, wait_idle
 from tests.test_serving import LONG, QUICK, post_async
 
 URL_DEADLINE_S = 3  # CONTROLNET_IMAGE_TIMEOUT_S and CONTROLNET_ASSET_TIMEOUT_S of this module's server
@@ -87,3 +89,104 @@ def test_a_trickling_host_is_cut_off_at_the_deadline(canny, receiver, field):
     assert str(canny.tmp) not in body["error"] and "Traceback" not in (body.get("logs") or "")
     wait_idle(canny, timeout=60)
     assert client_files(canny.tmp) == []
+
+
+def test_a_stop_during_a_prediction_leaves_none_of_its_files(canny):
+    """Last of the tests on this module's canny server: it stops it. SIGTERM left the prediction's input
+    folder behind (Cog removes it only when the prediction ends)."""
+    threading.Thread(target=lambda: canny.predict(LONG, timeout=120), daemon=True).start()
+    wait_busy(canny)
+    assert [p for p in canny.tmp.iterdir() if p.name.startswith("cog-input-")], "no input folder to remove"
+    assert_stops_cleanly(canny)
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """A fresh train-mode custom server (as `cog train` runs the image), with a temp folder of its own."""
+    tmp = tmp_path_factory.mktemp("train-tmp")
+    server = CogServer("custom", mode="train", log_path=tmp_path_factory.mktemp("logs") / "train.log",
+                       env={"TMPDIR": str(tmp)})
+    server.tmp = tmp
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    from tests.test_train import toy_files, write_archive
+
+    archive = write_archive(tmp_path_factory.mktemp("pairs") / "pairs.zip", toy_files())
+    return data_uri(archive.read_bytes(), "application/zip")
+
+
+def training(pairs, **inputs):
+    return {"pairs": pairs, "max_train_steps": 2, "resolution": 64, "train_batch_size": 2, "seed": 3,
+            "validation_every": 0, "mixed_precision": "no", **inputs}
+
+
+def put_training(server, training_id, inputs, receiver):
+    body = {"input": inputs, "webhook": receiver.url(f"/hook/{training_id}")}
+    response = requests.put(f"{server.url}/trainings/{training_id}", json=body, headers={"Prefer": "respond-async"},
+                            timeout=30)
+    assert response.status_code == 202, response.text
+
+
+def test_a_cancelled_first_training_leaves_the_worker_able_to_train(trainer, receiver, pairs):
+    """The first training's cancel came while train() was importing torch: every later training failed
+    (`cannot initialize type "RpcBackendOptions"`) while /health-check said READY."""
+    put_training(trainer, "first", training(pairs, max_train_steps=100000), receiver)
+    time.sleep(0.5)
+    assert cancel(trainer, "first", route="trainings").status_code == 200
+    assert receiver.wait_final("/hook/first", timeout=120)[-1]["status"] == "canceled"
+    wait_idle(trainer, timeout=60)
+    body = trainer.train(training(pairs), timeout=300).json()
+    assert body["status"] == "succeeded", body.get("error")
+
+
+def test_a_cancel_straight_after_a_training_put_cancels(trainer, receiver, pairs):
+    for trial in range(3):
+        training_id = f"straight-{trial}"
+        put_training(trainer, training_id, training(pairs, max_train_steps=100000), receiver)
+        assert cancel(trainer, training_id, route="trainings").status_code == 200
+        assert receiver.wait_final(f"/hook/{training_id}", timeout=120)[-1]["status"] == "canceled"
+        wait_idle(trainer, timeout=60)
+
+
+def test_a_non_finite_number_in_a_training_body_gets_422(trainer, pairs):
+    raw = json.dumps({"input": training(pairs)})[:-2] + ', "learning_rate": NaN}}'
+    response = requests.post(f"{trainer.url}/trainings", data=raw, headers={"content-type": "application/json"},
+                             timeout=30)
+    assert response.status_code == 422 and "input.learning_rate is NaN" in response.json()["detail"][0]["msg"]
+
+
+def test_a_stop_during_a_training_leaves_none_of_the_client_data(trainer, receiver, pairs):
+    """Last on the training server: it stops it. SIGTERM took the 9 s watchdog and left the unpacked pairs."""
+    put_training(trainer, "stopped", training(pairs, max_train_steps=100000), receiver)
+    receiver.wait_logs("/hook/stopped", "step 1/")
+    assert list(trainer.tmp.iterdir()), "nothing of the training's in the temp folder to remove"
+    assert_stops_cleanly(trainer)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+def wait_busy(server, timeout=60):
+    deadline = time.monotonic() + timeout
+    while server.health() != "BUSY":
+        assert time.monotonic() < deadline, "never BUSY"
+        time.sleep(0.1)
+
+
+def assert_stops_cleanly(server):
+    """SIGTERM to the server process, as `docker stop` sends it: it ends without the watchdog, and nothing
+    it held for a client is left in its temp folder."""
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(timeout=30)
+    deadline = time.monotonic() + 5
+    while group_alive(server.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(server.process.pid), "a worker outlived the server"
+    assert "after the stop signal; exiting now" not in server.log(), "the watchdog had to end it"
+    # torch's compile cache (torchinductor_<user>) is the server's own, not a client's.
+    assert [p for p in server.tmp.rglob("*") if not p.relative_to(server.tmp).parts[0].startswith("torchinductor_")] == []
