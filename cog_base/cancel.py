@@ -17,13 +17,16 @@ downloads (models.urls' abort) and the prediction is never handed to the worker;
 In the worker: a signal that comes before the prediction runs is remembered and, once the prediction
 starts, applied if the pipe holds the Cancel message for it (a signal for a prediction that has just
 ended is told apart by that message's id); a cancel inside an import or a models.critical section is
-delayed until it ends (re-signalled every 50 ms), and a prediction is cancelled at most once.
+delayed until it ends (re-signalled every 50 ms). A cancel is raised once; raised again only if
+Python dropped it (raised inside a garbage-collector callback) or the prediction still runs 3 s later
+(code that swallowed it), and an error that follows a cancel ends `canceled`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from models import critical
 
 RETRY_S = 0.05  # a delayed cancel is tried again this often
+RERAISE_S = 3.0  # a cancel raised this long ago with the prediction still running was swallowed
 EARLY_CANCEL_WAIT_S = 2.0  # the Cancel message follows its signal within microseconds
 
 
@@ -143,8 +147,10 @@ def install_worker() -> None:
     def _loop(self, predict, redirector):
         self._early_signal = False  # a SIGUSR1 came while no prediction was running
         self._cancel = "none"  # this prediction's: none, wanted (delayed), raised
+        self._raised_at = 0.0
         self._events = _Inbox(self._events, self, Cancel)
         signal.signal(signal.SIGUSR2, self._signal_handler)  # a delayed cancel, tried again
+        sys.unraisablehook = _unraisable_hook(self, sys.unraisablehook, CancelationException)
         return cog_loop(self, predict, redirector)
 
     def _predict(self, tag, payload, *, context, predict, redirector):
@@ -153,9 +159,15 @@ def install_worker() -> None:
         def started(**inputs):
             # Inside Cog's _handle_predict_error, cancelable already: a signal from now on raises.
             if self._early_signal and _cancel_waiting(self, tag, Cancel):
-                self._cancel = "raised"
-                raise CancelationException()
-            return predict(**inputs)
+                _raise(self, CancelationException)
+            try:
+                return predict(**inputs)
+            except Exception as exc:
+                if self._cancel == "raised" and not isinstance(exc, CancelationException):
+                    # Code that wraps whatever it catches (a library's fallback, a loader's "not a
+                    # LoRA") turned the cancel into another error: it is still a cancel.
+                    raise CancelationException() from exc
+                raise
 
         return cog_predict(self, tag, payload, context=context, predict=started, redirector=redirector)
 
@@ -166,13 +178,12 @@ def install_worker() -> None:
             return
         if self._cancel == "raised":
             return
+        if self._cancel == "none":
+            threading.Thread(target=_follow_up, args=(self,), daemon=True).start()
         if _uninterruptible(frame):
-            if self._cancel != "wanted":
-                self._cancel = "wanted"
-                threading.Thread(target=_signal_again, args=(self,), daemon=True).start()
+            self._cancel = "wanted"
             return
-        self._cancel = "raised"
-        raise CancelationException()
+        _raise(self, CancelationException)
 
     Child._loop, Child._predict, Child._signal_handler = _loop, _predict, _signal_handler
 
@@ -225,7 +236,30 @@ def _uninterruptible(frame) -> bool:
     return False
 
 
-def _signal_again(child) -> None:
-    while child._cancel == "wanted" and child._cancelable:
+def _raise(child, cancelation):
+    child._cancel, child._raised_at = "raised", time.monotonic()
+    raise cancelation()
+
+
+def _follow_up(child) -> None:
+    """Until the prediction ends: a delayed cancel is signalled again every RETRY_S, and one raised but
+    swallowed (a library's `except Exception: pass`) is raised again after RERAISE_S."""
+    while child._cancelable and child._cancel != "none":
         time.sleep(RETRY_S)
-        os.kill(os.getpid(), signal.SIGUSR2)
+        if child._cancel == "raised" and time.monotonic() - child._raised_at > RERAISE_S:
+            child._cancel = "wanted"
+        if child._cancel == "wanted":
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
+def _unraisable_hook(child, previous, cancelation):
+    """A cancel raised inside a weakref callback or __del__ (the garbage collector ran at that moment) is
+    printed and dropped by Python: try again at once, and keep it out of the client's logs."""
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, cancelation) and child._cancel == "raised":
+            child._cancel = "wanted"
+            return
+        previous(unraisable)
+
+    return hook

@@ -84,13 +84,18 @@ def image_file(tmp_path):
     return make
 
 
+# The conditions the `servers` fixture starts: all of them, or FUZZ_CONDITIONS (`make fuzz COND=x` runs
+# only test_fuzz.py, on those).
+SERVED = [c for c in os.environ.get("FUZZ_CONDITIONS", "").split(",") if c] or list(weights.CONDITIONS)
+
+
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """Each server is started once for the whole suite, all at the same time (setup is mostly imports)."""
     logs = tmp_path_factory.mktemp("cog")
     # /shutdown refused: the fuzzing in the suite calls every route, that one included.
     running = {
-        c: CogServer(c, log_path=logs / f"{c}.log", env={"CONTROLNET_SHUTDOWN_FROM": "none"}) for c in weights.CONDITIONS
+        c: CogServer(c, log_path=logs / f"{c}.log", env={"CONTROLNET_SHUTDOWN_FROM": "none"}) for c in SERVED
     }
     try:
         for server in running.values():
