@@ -24,6 +24,7 @@ Python dropped it (raised inside a garbage-collector callback) or the prediction
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -155,20 +156,7 @@ def install_worker() -> None:
 
     def _predict(self, tag, payload, *, context, predict, redirector):
         self._cancel = "none"
-
-        def started(**inputs):
-            # Inside Cog's _handle_predict_error, cancelable already: a signal from now on raises.
-            if self._early_signal and _cancel_waiting(self, tag, Cancel):
-                _raise(self, CancelationException)
-            try:
-                return predict(**inputs)
-            except Exception as exc:
-                if self._cancel == "raised" and not isinstance(exc, CancelationException):
-                    # Code that wraps whatever it catches (a library's fallback, a loader's "not a
-                    # LoRA") turned the cancel into another error: it is still a cancel.
-                    raise CancelationException() from exc
-                raise
-
+        started = functools.partial(_started, self, tag, predict, Cancel, CancelationException)
         return cog_predict(self, tag, payload, context=context, predict=started, redirector=redirector)
 
     def _signal_handler(self, signum, frame):
@@ -234,6 +222,21 @@ def _uninterruptible(frame) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _started(child, tag, predict, cancel_type, cancelation, **inputs):
+    """The predictor's predict/train, as Cog's _predict calls it (inside _handle_predict_error, so
+    cancelable already: a signal from now on raises)."""
+    if child._early_signal and _cancel_waiting(child, tag, cancel_type):
+        _raise(child, cancelation)
+    try:
+        return predict(**inputs)
+    except Exception as exc:
+        if child._cancel == "raised" and not isinstance(exc, cancelation):
+            # Code that wraps whatever it catches (a library's fallback, a loader's "not a LoRA")
+            # turned the cancel into another error: it is still a cancel.
+            raise cancelation() from exc
+        raise
 
 
 def _raise(child, cancelation):

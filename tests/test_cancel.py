@@ -4,8 +4,10 @@ the server READY and serving, and a stop leaves none of a client's files behind.
 
 import json
 import signal
+import sys
 import threading
 import time
+import types
 import uuid
 
 import pytest
@@ -190,3 +192,83 @@ def assert_stops_cleanly(server):
     assert "after the stop signal; exiting now" not in server.log(), "the watchdog had to end it"
     # torch's compile cache (torchinductor_<user>) is the server's own, not a client's.
     assert [p for p in server.tmp.rglob("*") if not p.relative_to(server.tmp).parts[0].startswith("torchinductor_")] == []
+
+
+# -- the worker's cancel handling, on its own (cog_base/cancel.py) ----------------------------------
+
+@pytest.fixture
+def child():
+    """Cog's prediction-worker object, as cog_base installs it, running a prediction (not started)."""
+    from cog.server.worker import _ChildWorker
+
+    import cog_base  # noqa: F401  (installs the patches)
+
+    from cog.server.exceptions import CancelationException
+
+    from cog_base import cancel
+
+    worker = object.__new__(_ChildWorker)
+    worker._cancelable, worker._cancel, worker._early_signal, worker._raised_at = True, "none", False, 0.0
+    # What its loop sets up; the follow-up's signals to this process are noted, not acted on.
+    previous = signal.signal(signal.SIGUSR2, lambda *args: None), sys.unraisablehook
+    sys.unraisablehook = cancel._unraisable_hook(worker, sys.unraisablehook, CancelationException)
+    try:
+        yield worker
+    finally:
+        worker._cancelable = False  # ends its follow-up thread
+        time.sleep(2 * cancel.RETRY_S)
+        signal.signal(signal.SIGUSR2, previous[0])
+        sys.unraisablehook = previous[1]
+
+
+def test_a_cancel_inside_a_lora_load_or_an_import_waits_for_its_end(child, tmp_path, monkeypatch):
+    """A cancel raised inside load_lora_weights read as a bad LoRA (9 of 40); inside `import torch` it
+    poisoned the worker."""
+    from cog.server.exceptions import CancelationException
+
+    from models import critical
+
+    with critical.section():
+        child._signal_handler(signal.SIGUSR1, sys._getframe())  # does not raise
+    assert child._cancel == "wanted"
+    (tmp_path / "slow_module.py").write_text(
+        "import sys\nsys.modules['tests_cancel_child']._signal_handler(10, sys._getframe())\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "tests_cancel_child", child)
+    import slow_module  # the handler ran inside its import and did not raise
+
+    assert slow_module.DONE
+    with pytest.raises(CancelationException):
+        child._signal_handler(signal.SIGUSR2, sys._getframe())  # the retry, outside both
+    assert child._cancel == "raised"
+    child._signal_handler(signal.SIGUSR2, sys._getframe())  # once only: cleanup is not cut
+
+
+def test_an_error_that_follows_a_cancel_ends_canceled(child):
+    """diffusers' loader wrapped the cancel as `not a LoRA ... (CancelationException)`."""
+    from cog.server.eventtypes import Cancel
+    from cog.server.exceptions import CancelationException
+
+    from cog_base import cancel
+
+    def predict():
+        try:
+            child._signal_handler(signal.SIGUSR1, sys._getframe())
+        except Exception as exc:
+            raise ValueError(f"lora_url is not a LoRA ({type(exc).__name__})") from None
+
+    with pytest.raises(CancelationException):
+        cancel._started(child, "t", predict, Cancel, CancelationException)
+    assert child._cancel == "raised"
+
+
+def test_a_cancel_python_dropped_is_raised_again(child):
+    """Raised inside a garbage-collector callback, a cancel is printed and dropped: a training ran on."""
+    from cog.server.exceptions import CancelationException
+
+    with pytest.raises(CancelationException) as raised:
+        child._signal_handler(signal.SIGUSR1, sys._getframe())
+    sys.unraisablehook(types.SimpleNamespace(exc_value=raised.value, exc_type=CancelationException,
+                                             exc_traceback=None, err_msg=None, object=None))
+    assert child._cancel == "wanted"  # the follow-up signals it again
+
