@@ -437,15 +437,55 @@ def test_make_weights_derives_the_untrained_controlnet_from_the_real_base(tmp_pa
     assert ControlNetModel.from_pretrained(found.controlnet).controlnet_mid_block.weight.abs().max() == 0
 
 
-def test_init_from_takes_a_weights_tar_or_folder_and_refuses_anything_else(tmp_path, monkeypatch):
+def test_init_from_takes_a_weights_tar_by_uri_and_refuses_anything_else(tmp_path, monkeypatch):
+    from predictors.custom.train import _fetch_controlnet
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(cache))
+    tiny = weights.locate("custom", prefer="tiny")
+    tar = write_tar(tiny.controlnet, tmp_path / "cn.tar")
+    assert (_fetch_controlnet(data_uri(tar.read_bytes(), "application/x-tar")) / "config.json").is_file()
+    folder_zip = write_archive(tmp_path / "cn.zip", {p.name: p.read_bytes() for p in tiny.controlnet.iterdir()})
+    assert (_fetch_controlnet(data_uri(folder_zip.read_bytes(), "application/zip")) / "config.json").is_file()
+    with pytest.raises(ValueError, match="init_from must be"):
+        _fetch_controlnet(data_uri(write_archive(tmp_path / "p.zip", toy_files(1)).read_bytes(), "application/zip"))
+
+
+def test_init_from_and_asset_urls_never_read_server_paths(tmp_path, monkeypatch, capsys):
+    """A client's input names only what a client can reach: a path on the server gets the same answer
+    whether or not it exists (no file oracle), and nothing of it is read or unpacked."""
+    from predictors.custom.train import _fetch_controlnet
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(cache))
+    tiny = weights.locate("custom", prefer="tiny")
+    tar = write_tar(tiny.controlnet, tmp_path / "cn.tar")
+    paths = [str(tar), str(tiny.controlnet), str(tmp_path / "missing.tar"), "/etc/passwd", "file:///etc/passwd", "cn.tar"]
+    answers = set()
+    for path in paths:
+        with pytest.raises(ValueError) as error:
+            _fetch_controlnet(path)
+        answers.add(str(error.value))
+    assert len(answers) == 1 and "paths on the server are not accepted" in answers.pop()
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.name.endswith(".d")]
+    from models.assets import AssetCache, AssetError
+
+    assets = AssetCache(cache)
+    for what in ("lora_url", "embedding_url"):
+        answers = set()
+        for path in paths:
+            with pytest.raises(AssetError) as error:
+                assets.fetch(path, what)
+            answers.add(str(error.value).replace(repr(path[:40]), "<the input>"))
+        assert answers == {f"{what} must be an http(s) URL or a data: URI, not <the input>"}
+
+
+def test_an_init_from_archive_is_unpacked_within_bounds(tmp_path, monkeypatch):
     from predictors.custom.train import _fetch_controlnet
 
     monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
-    untrained = weights.locate("custom", prefer="tiny").controlnet
-    tar = write_tar(untrained, tmp_path / "cn.tar")
-    assert (_fetch_controlnet(str(tar)) / "config.json").is_file()
-    assert _fetch_controlnet(str(untrained)) == untrained
-    with pytest.raises(ValueError, match="init_from must be"):
-        _fetch_controlnet(str(weights.locate("custom", prefer="tiny").base))
-    with pytest.raises(ValueError, match="no such file"):
-        _fetch_controlnet(str(tmp_path / "missing.tar"))
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE_MB", "1")
+    with pytest.raises(ValueError, match="the init_from archive unpacks to more than 1 MiB") as error:
+        _fetch_controlnet(data_uri(bomb(tmp_path / "bomb.tar.gz", 8 * 2**20).read_bytes(), "application/gzip"))
+    assert str(tmp_path) not in str(error.value)
+    assert [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".d")] == []  # nothing left unpacked
