@@ -376,7 +376,8 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
               "mixed_precision": "no"}
     server_tmp = tmp_path / "server-tmp"
     server_tmp.mkdir()
-    with CogServer("custom", mode="train", log_path=tmp_path / "train.log", env={"TMPDIR": str(server_tmp)}) as trainer:
+    env = {"TMPDIR": str(server_tmp), "CONTROLNET_TRAIN_ARCHIVE_MAX_MB": "1"}
+    with CogServer("custom", mode="train", log_path=tmp_path / "train.log", env=env) as trainer:
         schema = requests.get(f"{trainer.url}/openapi.json", timeout=10).json()
         fields = schema["components"]["schemas"]["TrainingInput"]["properties"]
         assert fields["learning_rate"]["default"] == 1e-5 and fields["resolution"]["default"] == 512
@@ -384,6 +385,7 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
                                                          .read_bytes(), "application/zip")}).json()
         assert bad["status"] == "failed" and "have no control map of the same name" in bad["error"]
         assert "Using seed" not in bad["logs"]  # refused before any model was loaded
+        assert_bad_archives_fail_in_the_clients_terms(trainer, inputs, tmp_path)
         assert_a_training_can_be_cancelled(trainer, inputs)
         body = trainer.train(inputs).json()
     assert body["status"] == "succeeded", body.get("error")
@@ -406,6 +408,28 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
     moved, base = (np.asarray(Image.open(io.BytesIO(from_uri(b["output"][1])))).astype(int)
                    for b in (with_control, base_only))
     assert np.abs(moved - base).mean() > 0.5
+
+
+def assert_bad_archives_fail_in_the_clients_terms(trainer, inputs, tmp_path):
+    """What reaches a client of a train-mode server: one line saying what to fix, no traceback, no path."""
+    receiver = Receiver()
+    good = write_archive(tmp_path / "crc.zip", toy_files(2)).read_bytes()
+    bad_crc = bytearray(good)
+    bad_crc[bad_crc.find(b"PK\x01\x02") + 16] ^= 0xFF
+    latin1 = toy_files(2)
+    latin1["prompts.jsonl"] = '{"file_name": "pair0.png", "text": "café"}\n'.encode("latin-1")
+    cases = [
+        (receiver.url("/big"), "pairs archive URL is 5 MiB; send at most 1 MiB"),  # its own bound, its own name
+        (data_uri(bytes(bad_crc), "application/zip"), "the pairs archive is damaged at 'images/pair0.png'"),
+        (data_uri(write_archive(tmp_path / "latin1.zip", latin1).read_bytes(), "application/zip"),
+         "prompts.jsonl is not UTF-8 text"),
+        (data_uri(write_archive(tmp_path / "evil.tar", toy_files(1) | {"../x.txt": b"x"}).read_bytes(), "application/x-tar"),
+         "the pairs archive holds a path outside its folder: '../x.txt'"),
+    ]
+    for pairs, message in cases:
+        body = trainer.train({**inputs, "pairs": pairs}).json()
+        assert body["status"] == "failed" and message in body["error"], body.get("error")
+        assert "Traceback" not in body["logs"] and "/tmp" not in body["logs"] + body["error"], body["logs"]
 
 
 def assert_a_training_can_be_cancelled(trainer, inputs):
