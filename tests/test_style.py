@@ -296,6 +296,34 @@ def test_a_file_that_makes_the_output_non_finite_is_blamed_not_the_server(canny,
         canny.generate(path, "a house", **FAST)
 
 
+def test_what_reaches_a_client_of_the_real_server_holds_no_traceback_or_path(canny, tmp_path):
+    """Cog's worker printed a traceback into `logs` for every failure that was not a ValueError, and
+    Python's warning lines name Pillow's file on the server."""
+    import io
+
+    from scripts.cog_server import CogServer
+    from tests.conftest import data_uri, drawing, png_bytes
+
+    exif = io.BytesIO()  # an IFD that claims five entries and holds one: Pillow warns
+    drawing().save(exif, "PNG", exif=b"MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\x00\x00\x00\x01\x00\x01\x00\x00")
+    base = {"image": data_uri(png_bytes(drawing())), "prompt": "a <x> house", "ddim_steps": 1,
+            "image_resolution": "256", "seed": 1}
+    cases = [
+        ({"lora_url": as_uri(filled_lora(canny, float("nan")))}, "failed", "lora_url holds non-finite values"),
+        ({"embedding_url": as_uri(embedding(canny, shape=(1, 2))), "embedding_token": "<x>"}, "failed",
+         "embedding_url's tensor is 3-dimensional"),
+        ({"image": data_uri(exif.getvalue())}, "succeeded", "Note: the image's metadata is malformed and was ignored"),
+    ]
+    with CogServer("canny", log_path=tmp_path / "server.log",
+                   env={"CONTROLNET_ASSET_CACHE": str(tmp_path / "cache")}) as server:
+        for inputs, status, message in cases:
+            body = server.predict({**base, **inputs}).json()
+            assert body["status"] == status, body.get("error")
+            assert message in (body.get("error") or "") + body["logs"]
+            assert "Traceback" not in body["logs"] and ".py" not in body["logs"] and "/tmp" not in body["logs"]
+        assert server.health() == "READY"
+
+
 def test_embedding_url_needs_its_token(canny, host, image_file):
     with pytest.raises(ValueError, match="embedding_url and embedding_token go together"):
         canny.generate(image_file(), "a house", embedding_url=host.url("embedding.safetensors"), **FAST)
