@@ -9,7 +9,7 @@ files are refused, and a damaged archive is named by its member: no message quot
 
 from __future__ import annotations
 
-import bz2
+import errno
 import lzma
 import tarfile
 import zipfile
@@ -65,9 +65,34 @@ def _target(dest: Path, name: str, what: str) -> Path:
     return dest.joinpath(*parts)
 
 
+def _make_dir(target: Path, name: str, what: str) -> None:
+    with _clashes(name, what):
+        target.mkdir(parents=True, exist_ok=True)
+
+
+class _clashes:
+    """A member whose path another member already took as a file or a folder (or a name longer than
+    the file system takes) is the archive's problem; a full disk is the server's and stays an OSError."""
+
+    def __init__(self, name: str, what: str):
+        self.name, self.what = name, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, OSError) and exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
+            problem = "a name too long" if exc.errno == errno.ENAMETOOLONG else "two entries for one path"
+            raise ArchiveError(f"{self.what} holds {problem} at {self.name[:200]!r}; pack plain files and folders "
+                               "only") from None
+        return False
+
+
 def _copy(source, target: Path, budget: _Budget, name: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "wb") as out:
+    with _clashes(name, budget.what):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = open(target, "wb")
+    with out:
         while True:
             try:
                 chunk = source.read(CHUNK)
@@ -118,7 +143,7 @@ def _unzip(archive: Path, dest: Path, budget: _Budget) -> None:
         for info in infos:
             target = _target(dest, info.filename, what)
             if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
+                _make_dir(target, info.filename, what)
                 continue
             try:
                 source = zf.open(info)
@@ -169,7 +194,7 @@ def _untar(archive: Path, dest: Path, budget: _Budget) -> None:
                                    "(tar -h follows links)")
             target = _target(dest, member.name, what)
             if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
+                _make_dir(target, member.name, what)
             elif member.isreg():
                 source = tf.extractfile(member)
                 _copy(source, target, budget, member.name)

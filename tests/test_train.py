@@ -232,6 +232,10 @@ def test_not_an_archive_and_unsafe_paths_are_refused(tmp_path):
         tf.addfile(info)
     with pytest.raises(TrainingDataError, match="holds a link: 'images/pair0.png'"):
         read_pairs(link, tmp_path / "u3", 64)
+    clash = toy_files(1)
+    clash = {"images": b"a file where a folder goes", **clash}
+    with pytest.raises(TrainingDataError, match="holds two entries for one path at 'images/pair0.png'"):
+        read_pairs(write_archive(tmp_path / "clash.tar", clash), tmp_path / "u4", 64)
 
 
 class Zeros:
