@@ -12,7 +12,8 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
   is answered by the predictions' cancel route, which runs the same `runner.cancel` (Cog's training
   route calls the async cancel handler without awaiting it: every training cancel was a 500 and
   cancelled nothing);
-- image URLs are fetched with a byte and time bound, every redirect checked, the optional
+- image URLs (and a train-mode server's training archive URLs, with their own bounds) are fetched
+  with a byte and time bound, every redirect checked, the optional
   private-address block of models.urls, and no 0-byte temp file left after a failure
   (`URLPath.convert` copies an unbounded stream into a temp file it never removes on error);
 - webhooks are sent from a per-prediction thread with timeouts and two retries at most: Cog sends
@@ -57,6 +58,14 @@ from cog_base import cancel
 MAX_BODY_BYTES = int(float(os.environ.get("CONTROLNET_MAX_BODY_MB", "64")) * 2**20)
 IMAGE_MAX_BYTES = int(float(os.environ.get("CONTROLNET_IMAGE_MAX_MB", "50")) * 2**20)
 IMAGE_TIMEOUT_S = float(os.environ.get("CONTROLNET_IMAGE_TIMEOUT_S", "30"))
+# A train-mode server's one file input is the training archive (`pairs`), a predict-mode server's are
+# images: the mode is the route (--x-mode train serves /trainings only), and URLPath knows no input name.
+TRAIN_ARCHIVE_MAX_BYTES = int(float(os.environ.get("CONTROLNET_TRAIN_ARCHIVE_MAX_MB", "4096")) * 2**20)
+TRAIN_ARCHIVE_TIMEOUT_S = float(os.environ.get("CONTROLNET_TRAIN_ARCHIVE_TIMEOUT_S", "600"))
+URL_INPUTS = {
+    "predict": ("image URL", IMAGE_MAX_BYTES, IMAGE_TIMEOUT_S),
+    "train": ("pairs archive URL", TRAIN_ARCHIVE_MAX_BYTES, TRAIN_ARCHIVE_TIMEOUT_S),
+}
 WEBHOOK_TIMEOUT = (3.0, 5.0)  # connect, read
 WEBHOOK_RETRIES = 2  # the final webhook only; at most ~3 x 8 s, on a thread of its own
 STOP_GRACE_S = 2.0  # what a request still open at a stop gets to finish
@@ -308,10 +317,21 @@ def _patch_path_validation() -> None:
     cog_types.Path.validate = classmethod(validate)
 
 
+def _cog_mode() -> str:
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg == "--x-mode" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--x-mode="):
+            return arg.split("=", 1)[1]
+    return "predict"
+
+
 def _patch_url_inputs() -> None:
     from cog import types as cog_types
 
     from models.urls import URLError, download
+
 
     def convert(self):
         if self._path is None:
@@ -322,8 +342,9 @@ def _patch_url_inputs() -> None:
                     with open(dest, "wb") as out:
                         shutil.copyfileobj(self.fileobj, out)
                 else:
-                    download(self.source, dest, "image URL", IMAGE_MAX_BYTES, IMAGE_TIMEOUT_S,
-                             abort=cancel.current_stop())
+                    # At request time: Cog hides sys.argv while it imports the predictor (hence this module).
+                    what, max_bytes, timeout_s = URL_INPUTS.get(_cog_mode(), URL_INPUTS["predict"])
+                    download(self.source, dest, what, max_bytes, timeout_s, abort=cancel.current_stop())
             except URLError as exc:
                 _remove_input_dir(dest.parent)
                 raise ValueError(str(exc)) from None
