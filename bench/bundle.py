@@ -76,6 +76,16 @@ def sync(folder: Path, lock: Path = LOCK) -> list[Path]:
     return wheels
 
 
+def working_tree_bytes() -> int | None:
+    """What the device tool sends besides the carried folder: tracked and untracked-not-ignored files."""
+    try:
+        names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                               capture_output=True, check=True).stdout.split(b"\0")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sum((ROOT / name.decode()).stat().st_size for name in names if name and (ROOT / name.decode()).is_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
@@ -86,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     for wheel in wheels:
         print(f"{wheel.stat().st_size / 2**20:7.2f} MiB  {wheel.name}")
     print(f"{total / 2**20:7.2f} MiB  in all, {len(wheels)} wheels in {args.dir} (limit {LIMIT_MIB} MiB)")
+    tree = working_tree_bytes()
+    if tree is not None:
+        print(f"travels to the GPU machine: working tree {tree / 2**20:.2f} MiB + bundle {total / 2**20:.2f} MiB "
+              f"= {(tree + total) / 2**20:.2f} MiB of 64")
     if total > LIMIT_MIB * 2**20:
         print(f"the bundle is over {LIMIT_MIB} MiB: it and the working tree must travel in 64 MiB", file=sys.stderr)
         return 1

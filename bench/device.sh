@@ -63,7 +63,7 @@ EOF
 echo "machine recorded in $OUT/machine.txt"
 
 # The budget counts from this script's start; the weights are made inside it.
-"$PYTHON" -m bench.device --deadline $((START + BUDGET)) --out "$OUT" --command "$COMMAND" ${args[@]+"${args[@]}"}
+"$PYTHON" -m bench.device --deadline $((START + BUDGET)) --budget "$BUDGET" --out "$OUT" --command "$COMMAND" ${args[@]+"${args[@]}"}
 rc=$?
 rm -rf "$SITE"
 echo "bench/device.sh: exit $rc after $(( $(date +%s) - START )) s; results in $OUT"

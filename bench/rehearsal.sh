@@ -17,7 +17,7 @@ mkdir -p "$out/work"
 # The weights and scratch files stay out of the folders that would come back.
 PYTHON=$python OUT=$out/main bench/device.sh --size tiny --device cpu --budget 900 --work "$out/work"
 # --heavy with a budget for its reference phases only: its compile modes need Inductor (minutes here).
-PYTHON=$python OUT=$out/heavy bench/device.sh --size tiny --device cpu --heavy --budget 90 --work "$out/work"
+PYTHON=$python OUT=$out/heavy bench/device.sh --size tiny --device cpu --heavy --budget 120 --work "$out/work"
 "$python" - "$out" <<'EOF'
 import json, re, sys
 from pathlib import Path

@@ -147,7 +147,7 @@ def test_the_report_gives_the_ratios_against_the_baseline(tmp_path):
     assert "| ratio served vs baseline (2 steps, baseline / ours) | 2.00x |" in text
     assert "| compile all default | 64.00 | 60.0 | 200.0 | 1.50x | 3.00x | 3 / 0.100 (ok) |" in text
     assert "samples4 (skipped: 10 s left of the budget, needs about 20 s)" in text
-    assert text.startswith("### GPU: NVIDIA H200")
+    assert text.startswith("### GPU: NVIDIA H200, tiny size, main call")
 
 
 def test_tiny_bench_weights_are_the_real_layout(tmp_path, monkeypatch):
