@@ -318,15 +318,16 @@ def markdown(r: dict) -> str:
     where = versions.get("gpu")
     lines = [f"### {'GPU: ' + where if 'gpu' in versions else 'CPU'}, {r['size']} size, "
              f"{'compile-heavy call' if r['invocation'] == 'heavy' else 'main call'} ({time.strftime('%Y-%m-%d')})", "",
-             f"Command: `{r.get('command') or 'bench/device.sh'}`. Budget {r['budget_s']} s, "
+             f"Command: `{r.get('command') or 'bench/device.sh'}`. Budget {r['budget_s']:.0f} s, "
              f"{r.get('elapsed_s', 0):.0f} s used. Sample {r.get('sample_size', '?')}, DDIM, scale 9, seed {bench.SEED}."]
     w = r.get("weights")
     if w:
         lines[-1] += f" Random-weight fp16 models ({w['params_m']} M params) " + (
             "kept from an earlier call." if w.get("reused") else f"made on {w['made_on']} and written in {w['prepare_s']} s.")
     status = {name: p["status"] for name, p in phases.items()}
-    not_done = [f"{name} ({p['status']}: {p.get('why') or p.get('error', '')})" for name, p in phases.items()
-                if p["status"] != "done"]
+    not_done = [f"{name} (still running when this file was written: cut short there, or under way)"
+                if p["status"] == "running" else f"{name} ({p['status']}: {p.get('why') or p.get('error', '')})"
+                for name, p in phases.items() if p["status"] != "done"]
     lines += ["", "Phases: " + ", ".join(f"{n} {s}" for n, s in status.items()) + "."]
     if not_done:
         lines += ["", "Not measured: " + "; ".join(not_done)]
