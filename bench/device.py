@@ -42,7 +42,8 @@ HEAVY = (("all", "reduce-overhead"), ("all", "max-autotune"), ("all", "max-autot
 
 # Per size: steps (the first is the headline), timed runs at the headline / at the other step counts,
 # warm-ups, runs per stage, resolution; and each phase's expected cost in seconds on an H200 (full)
-# or 2 CPU cores (tiny), which decides whether it still fits the budget.
+# or 2 CPU cores (tiny), which decides whether it still fits the budget. The H200 costs are estimates
+# (no GPU has run this yet): replace them with the took_s of each phase in the first run's results.json.
 PROFILES = {
     "full": dict(steps=[20, 30, 50], runs=20, fit_runs=5, warmup=3, stage_runs=10, resolution=512, backend="inductor",
                  cost=dict(baseline=45, served=75, eager=15, server=75, samples4=20, compile=150, reference=20,
