@@ -26,6 +26,8 @@ help:
 	@echo "make bench-smoke                    the same harness, tiny models on CPU (CI)"
 	@echo "make bench-weights                  write the full-size random-weight models the benchmark loads"
 	@echo "make test-compile                   the fast path's torch.compile test (slow on CPU; skipped by make test)"
+	@echo "make gpu-bundle                     the wheels the lent GPU machine lacks -> .gpu-bundle/ (carried there; docs/benchmarks.md)"
+	@echo "make gpu-rehearsal                  bench/device.sh end to end on CPU, tiny, on the GPU machine's package versions (CI)"
 	@echo "make image COND=canny               build the controlnet-canny image (cog build, or docker build without cog)"
 	@echo "make image-test COND=canny          build a tiny-weights image, run it, predict, stop, clean up (~2-8 min)"
 	@echo "make deploy COND=canny REF=img:tag Knative / Kubernetes manifests into build/deploy/canny/"
@@ -111,3 +113,13 @@ bench-smoke: tiny-weights
 
 test-compile: tiny-weights
 	CONTROLNET_TEST_COMPILE=1 $(PY) -m pytest tests/test_fast.py -q
+
+# The lent GPU machine (docs/benchmarks.md, "Still to run on a GPU"): it reaches no registry, so what it
+# lacks travels as wheels (bench/gpu-bundle.lock); bench/device.sh is the one command run there.
+# Stdlib and pip only: no virtualenv needed. The machine-wide pip config's torch cap does not apply.
+.PHONY: gpu-bundle gpu-rehearsal
+gpu-bundle:
+	PIP_CONFIG_FILE=/dev/null python3 -m bench.bundle
+
+gpu-rehearsal: gpu-bundle
+	bench/rehearsal.sh

@@ -252,50 +252,61 @@ def stages(args, clock, pipe, runner, rgb, steps: int) -> dict:
     return parts
 
 
-def measure_baseline(args, clock, image: Path, results: dict, base: Path, controlnet: Path) -> None:
+def load_baseline(cuda: bool, base: Path, controlnet: Path):
     """Plain diffusers: StableDiffusionControlNetPipeline, fp16 (fp32 on CPU), default SDPA, eager."""
-    import numpy as np
     import torch
     from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    dtype = torch.float16 if cuda else torch.float32
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    fp16 = {"variant": "fp16"} if any(base.glob("unet/*.fp16.safetensors")) else {}
+    pipe = StableDiffusionControlNetPipeline(
+        vae=AutoencoderKL.from_pretrained(base / "vae", **kw, **fp16),
+        text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder", **kw, **fp16),
+        tokenizer=CLIPTokenizer.from_pretrained(base / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(base / "unet", **kw, **fp16),
+        controlnet=ControlNetModel.from_pretrained(controlnet, **kw),
+        scheduler=DDIMScheduler.from_pretrained(base / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to("cuda" if cuda else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def baseline_call(pipe, image: Path, resolution: int):
+    """call(n): one plain-diffusers image at n steps, the served request's prompt, map and seed (PIL out)."""
+    import torch
+    from PIL import Image
+
+    from cog_base import A_PROMPT, N_PROMPT
     from models.detectors.canny import CannyDetector
     from models.image import load_rgb, resize_to_resolution
 
-    dtype = torch.float16 if clock.cuda else torch.float32
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    fp16 = {"variant": "fp16"} if any(base.glob("unet/*.fp16.safetensors")) else {}
+    control = Image.fromarray(CannyDetector()(resize_to_resolution(load_rgb(image), resolution)))
 
-    def load():
-        pipe = StableDiffusionControlNetPipeline(
-            vae=AutoencoderKL.from_pretrained(base / "vae", **kw, **fp16),
-            text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder", **kw, **fp16),
-            tokenizer=CLIPTokenizer.from_pretrained(base / "tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(base / "unet", **kw, **fp16),
-            controlnet=ControlNetModel.from_pretrained(controlnet, **kw),
-            scheduler=DDIMScheduler.from_pretrained(base / "scheduler"),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ).to("cuda" if clock.cuda else "cpu")
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+    def call(n: int):
+        return pipe(prompt=f"{PROMPT}, {A_PROMPT}", negative_prompt=N_PROMPT, image=control,
+                    height=control.height, width=control.width, num_inference_steps=n, guidance_scale=9.0,
+                    generator=torch.Generator("cpu").manual_seed(SEED)).images
 
-    pipe, ms = clock.wall(load)
+    return call
+
+
+def measure_baseline(args, clock, image: Path, results: dict, base: Path, controlnet: Path) -> None:
+    import torch
+
+    pipe, ms = clock.wall(load_baseline, clock.cuda, base, controlnet)
     results["baseline_load_ms"] = ms
-    control = Image.fromarray(CannyDetector()(resize_to_resolution(load_rgb(image), args.resolution)))
-    from cog_base import A_PROMPT, N_PROMPT
-
+    call = baseline_call(pipe, image, args.resolution)
     out = {}
     for n in args.steps:
-        call = lambda: pipe(prompt=f"{PROMPT}, {A_PROMPT}", negative_prompt=N_PROMPT, image=control,
-                            height=control.height, width=control.width, num_inference_steps=n, guidance_scale=9.0,
-                            generator=torch.Generator("cpu").manual_seed(SEED)).images
-        out[f"steps_{n}"] = repeat(call, clock.wall, args.warmup, args.runs)
+        out[f"steps_{n}"] = repeat(lambda: call(n), clock.wall, args.warmup, args.runs)
         print(f"baseline {n} steps: {out[f'steps_{n}']}", flush=True)
     out["fit"] = fit({n: out[f"steps_{n}"]["median_ms"] for n in args.steps})
     results["baseline"] = out
-    del pipe
+    del pipe, call
     gc.collect()
     if clock.cuda:
         torch.cuda.empty_cache()

@@ -5,6 +5,10 @@ under a root outside the repo (default ~/.cache/controlnet-cog/bench-weights). W
 `CONTROLNET_WEIGHTS_DIR=<root> CONTROLNET_WEIGHTS=real` the real loader and `setup()` load them
 exactly as they load a download, so what the benchmark times is the served path. Speed does not depend
 on the weight values; the images are noise.
+
+The models are built and cast on `--device` (default: the GPU when there is one): on a GPU the random
+init of 1.4 G parameters takes seconds, against about a minute on 2 CPU cores. `--size tiny` writes the
+same layout and markers from the same configs shrunk (bench/device.sh's CPU rehearsal).
 """
 
 from __future__ import annotations
@@ -26,16 +30,30 @@ CONDITION = "canny"
 DEFAULT_ROOT = Path(os.environ.get("CONTROLNET_COG_CACHE", Path.home() / ".cache" / "controlnet-cog")) / "bench-weights"
 
 
-def config(name: str) -> dict:
-    return json.loads((CONFIGS / f"{name}.json").read_text())
+# --size tiny: the real configs with these values replaced (same block types, so the same code runs).
+_TINY_NET = {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "attention_head_dim": 8,
+             "norm_num_groups": 8, "cross_attention_dim": 32}
+TINY = {
+    "sd15-unet": _TINY_NET,
+    "sd-controlnet-canny": {**_TINY_NET, "conditioning_embedding_out_channels": [8, 16, 16, 32]},
+    "sd15-vae": {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 4},
+    "sd15-text_encoder": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                          "num_hidden_layers": 2, "projection_dim": 32},
+}
+
+
+def config(name: str, size: str = "full") -> dict:
+    values = json.loads((CONFIGS / f"{name}.json").read_text())
+    return {**values, **TINY.get(name, {})} if size == "tiny" else values
 
 
 def _save(model, folder: Path, variant: str | None) -> int:
-    model.to(torch.float16).save_pretrained(folder, variant=variant)
+    # Cast where it was built, then write from host memory (safetensors serialises CPU tensors).
+    model.to(torch.float16).to("cpu").save_pretrained(folder, variant=variant)
     return sum(p.numel() for p in model.parameters())
 
 
-def write_base(folder: Path) -> dict[str, int]:
+def write_base(folder: Path, size: str = "full") -> dict[str, int]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -45,42 +63,49 @@ def write_base(folder: Path) -> dict[str, int]:
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config("sd15-scheduler"), indent=2))
     counts = {}
     torch.manual_seed(0)
-    counts["unet"] = _save(UNet2DConditionModel.from_config(config("sd15-unet")), folder / "unet", "fp16")
-    counts["vae"] = _save(AutoencoderKL.from_config(config("sd15-vae")), folder / "vae", "fp16")
-    te = {k: v for k, v in config("sd15-text_encoder").items() if k not in ("architectures", "torch_dtype", "model_type")}
+    counts["unet"] = _save(UNet2DConditionModel.from_config(config("sd15-unet", size)), folder / "unet", "fp16")
+    counts["vae"] = _save(AutoencoderKL.from_config(config("sd15-vae", size)), folder / "vae", "fp16")
+    te = {k: v for k, v in config("sd15-text_encoder", size).items() if k not in ("architectures", "torch_dtype", "model_type")}
     counts["text_encoder"] = _save(CLIPTextModel(CLIPTextConfig(**te)), folder / "text_encoder", "fp16")
     return counts
 
 
-def write_controlnet(folder: Path) -> dict[str, int]:
+def write_controlnet(folder: Path, size: str = "full") -> dict[str, int]:
     from diffusers import ControlNetModel
 
     torch.manual_seed(1)
     # The canny download is a single fp16 file without a variant suffix; keep that layout.
-    return {"controlnet": _save(ControlNetModel.from_config(config("sd-controlnet-canny")), folder, None)}
+    return {"controlnet": _save(ControlNetModel.from_config(config("sd-controlnet-canny", size)), folder, None)}
 
 
-def write(root: Path, force: bool = False) -> dict[str, int]:
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def write(root: Path, force: bool = False, device: str | None = None, size: str = "full") -> dict[str, int]:
     if Path(root).resolve() == weights.HERE:
         # Random weights with real markers there would be served as the real model.
         raise SystemExit(f"refusing to write random bench weights into {weights.HERE}; pick another --root")
+    device = device or default_device()
     counts: dict[str, int] = {}
     writers = {"base": write_base, "controlnet": write_controlnet}
     for role, name in weights.components(CONDITION).items():
         folder = root / name
-        if weights.is_complete(folder, name, tiny=False) and not force:
-            info = weights.marker(folder)
+        info = weights.marker(folder) or {}
+        if weights.is_complete(folder, name, tiny=False) and info.get("size", "full") == size and not force:
             counts.update(info.get("params", {}))
             continue
         shutil.rmtree(folder, ignore_errors=True)
         start = time.perf_counter()
-        written = writers[role](folder)
+        # Parameters are created (and randomly initialised) on `device`.
+        with torch.device(device):
+            written = writers[role](folder, size)
         counts.update(written)
         # The real marker (so CONTROLNET_WEIGHTS=real finds it) plus `bench` so nobody mistakes it.
         weights.write_marker(folder, revision=weights.MANIFEST["components"][name]["revision"], component=name,
-                             bench=True, params=written)
-        print(f"bench {name}: {sum(written.values()) / 1e6:.0f} M params written to {folder} "
-              f"in {time.perf_counter() - start:.0f}s", flush=True)
+                             bench=True, size=size, params=written)
+        print(f"bench {name}: {sum(written.values()) / 1e6:.1f} M params ({size}) made on {device}, written to "
+              f"{folder} in {time.perf_counter() - start:.1f}s", flush=True)
     return counts
 
 
@@ -88,8 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--device", default=None, help="where the models are built (default: cuda if there is one)")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full")
     args = parser.parse_args(argv)
-    write(args.root, args.force)
+    write(args.root, args.force, args.device, args.size)
 
 
 if __name__ == "__main__":

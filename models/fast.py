@@ -124,10 +124,14 @@ def compile_models(pipe, mode: str | None = None) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     on_cuda = pipe.device.type == "cuda"
     mode = mode or os.environ.get("CONTROLNET_COMPILE_MODE") or ("max-autotune" if on_cuda else "max-autotune-no-cudagraphs")
+    # CONTROLNET_COMPILE_BACKEND (default inductor) exists for the GPU benchmark's CPU rehearsal (make
+    # gpu-rehearsal): "aot_eager" captures the same graphs without Inductor's C++ builds, which take many
+    # minutes on 2 cores; it needs mode "default".
+    backend = os.environ.get("CONTROLNET_COMPILE_BACKEND") or "inductor"
     # dynamic=False: one graph per served shape, warmed in setup(); a new shape recompiles (logged by torch).
-    pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=False)
-    pipe.controlnet = torch.compile(pipe.controlnet, mode=mode, dynamic=False)
-    pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, dynamic=False)
+    pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=False, backend=backend)
+    pipe.controlnet = torch.compile(pipe.controlnet, mode=mode, dynamic=False, backend=backend)
+    pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, dynamic=False, backend=backend)
 
 
 def warm_up(generate: Callable[..., object], shapes: Iterable[dict], runs: int = 2) -> None:
