@@ -166,12 +166,15 @@ def install_worker() -> None:
             return
         if self._cancel == "raised":
             return
-        if self._cancel == "none":
-            threading.Thread(target=_follow_up, args=(self,), daemon=True).start()
+        first = self._cancel == "none"
         if _uninterruptible(frame):
             self._cancel = "wanted"
-            return
-        _raise(self, CancelationException)
+        else:
+            self._cancel, self._raised_at = "raised", time.monotonic()
+        if first:  # once the state is set: the follow-up ends when it reads "none"
+            threading.Thread(target=_follow_up, args=(self,), daemon=True).start()
+        if self._cancel == "raised":
+            raise CancelationException()
 
     Child._loop, Child._predict, Child._signal_handler = _loop, _predict, _signal_handler
 

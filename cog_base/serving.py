@@ -7,15 +7,17 @@ prediction worker it spawns. `install()` adjusts, in whichever of the two proces
 HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 - a guard in front of the app: a body that is not `{"input": {...}}` gets 422 with what to send
   (Cog answers `{}`, `null` and `{"input": null}` with 500 from an unhandled ValidationError in
-  `_predict`); bodies over a bound get 413; `POST /shutdown` is refused unless the client is on
+  `_predict`), and so does a NaN, Infinity or 1e999 anywhere in a body (Python's JSON takes them; Cog
+  answered 500); bodies over a bound get 413; `POST /shutdown` is refused unless the client is on
   loopback (Cog lets anyone who reaches the port stop the server); `POST /trainings/{id}/cancel`
   is answered by the predictions' cancel route, which runs the same `runner.cancel` (Cog's training
   route calls the async cancel handler without awaiting it: every training cancel was a 500 and
   cancelled nothing);
 - image URLs (and a train-mode server's training archive URLs, with their own bounds) are fetched
-  with a byte and time bound, every redirect checked, the optional
-  private-address block of models.urls, and no 0-byte temp file left after a failure
-  (`URLPath.convert` copies an unbounded stream into a temp file it never removes on error);
+  with a byte bound and one wall-clock deadline, every redirect checked, the optional
+  private-address block of models.urls, stopped at once by a cancel, and no 0-byte temp file left
+  after a failure (`URLPath.convert` copies an unbounded stream into a temp file it never removes
+  on error); a stop removes the input folders in flight;
 - webhooks are sent from a per-prediction thread with timeouts and two retries at most: Cog sends
   them on its event loop with no timeout and retries the final one for ~320 s, during which the
   prediction cannot finish and every other client gets 409;
@@ -23,7 +25,9 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
   as a sync one does (Cog put the server's own temp-file paths in the webhook: useless to the client,
   and a leak of server paths);
 - SIGTERM/SIGINT set the shutdown event from a fresh thread (Cog's handler takes a lock inside a
-  signal handler) and a watchdog ends the process 9 s after the first signal if it is still up.
+  signal handler), a request still open gets 2 s so that the worker is stopped (and cleans up), and
+  a watchdog ends the process 9 s after the first signal if it is still up;
+- cancel: see cog_base/cancel.py (both processes).
 
 Both (cog/types.py)
 - a file input that is not a string gets 422 instead of a 500 from inside Cog's validator.
