@@ -33,10 +33,11 @@ def test_an_opaque_or_unreadable_upload_has_no_mask(tmp_path):
 
 
 def test_the_mask_is_cropped_as_the_request_crops_the_image(tmp_path):
-    path = holed(tmp_path / "a.png", box=(0, 0, 50, 300))  # the left eighth of a 4:3 upload
+    path = holed(tmp_path / "a.png", box=(0, 0, 60, 300))  # a strip on the left of a 4:3 upload
     assert request_mask(path, "512").shape == (300, 400)
-    square = request_mask(path, "512", width=512, height=512)  # centre crop to 300x300: the strip is gone
-    assert square.shape == (300, 300) and not square.any()
+    square = request_mask(path, "512", width=512, height=512)  # centre crop to 300x300 from x = 50
+    assert square.shape == (300, 300) and square[:, :10].all() and not square[:, 10:].any()
+    assert request_mask(holed(tmp_path / "b.png", box=(0, 0, 50, 300)), "512", width=512, height=512) is None
 
 
 def test_map_is_rgba_with_the_masked_pixels_transparent():

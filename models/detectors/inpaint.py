@@ -23,7 +23,7 @@ OPAQUE_FROM = 128  # alpha at or above this keeps the pixel
 MASK_BLUR = 5.0  # the 1.1 demo's default "Mask Blur" (Gaussian sigma, in sample pixels)
 NEEDS_MASK = (
     "inpaint needs a mask: send a PNG or WebP whose transparent pixels (alpha 0) mark what to repaint; "
-    "the image has no transparent pixels"
+    "the image has none (in the part used, after any crop to width x height)"
 )
 EMPTY_MASK = "inpaint: the transparent area is too small to repaint at this size (under a few pixels); make it larger"
 NO_UPLOADED_MAP = (
@@ -83,4 +83,5 @@ def request_mask(path, image_resolution, width: int = 0, height: int = 0) -> np.
         plan = plan_size(*mask.shape, int(image_resolution), int(width or 0), int(height or 0))
     except (TypeError, ValueError):
         return mask
-    return apply_crop(mask, plan)
+    mask = apply_crop(mask, plan)
+    return mask if mask.any() else None
