@@ -22,10 +22,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-import weights
+from tests.conftest import SERVED
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
-CONDITIONS = [c for c in os.environ.get("FUZZ_CONDITIONS", ",".join(weights.CONDITIONS)).split(",") if c]
+CONDITIONS = [c for c in os.environ.get("FUZZ_CONDITIONS", ",".join(SERVED)).split(",") if c]
 URL_FIELDS = ("image", "input_image", "lora_url", "embedding_url")
 
 
