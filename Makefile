@@ -35,7 +35,7 @@ help:
 	@echo "make install                        the pinned virtualenv (cached in ~/.cache/controlnet-cog; .venv links to it)"
 	@echo "make clean                          remove build/, outputs/ and .pytest_cache (not the venv, not the weights)"
 	@echo "make help                           this list"
-	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of a real server (the suite runs a short one)"
+	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of COND's server only (COND=a,b for several); prints the requests sent"
 	@echo "make stop-trials [TRIALS=10]       stop servers by signal (group/server, idle/busy/starting) TRIALS times each"
 
 quickstart: tiny-weights

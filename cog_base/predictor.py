@@ -350,8 +350,18 @@ class ControlNetPredictor(BasePredictor):
                 timings.update(result.timings)
                 samples = [_resize_exact(img, out_w, out_h) for img in result.samples]
         except (InputImageError, AssetError) as exc:
+            if isinstance(exc, AssetError):
+                self.assets.forget(lora_url, embedding_url)  # a file that failed is not kept under its URL
             raise ValueError(str(exc)) from None
         except NonFiniteOutputError as exc:
+            if lora or embedding:  # checked files can still be too strong for this model
+                used = " and ".join(name for name, given in (("lora_url", lora), ("embedding_url", embedding)) if given)
+                raise ValueError(
+                    f"the model produced non-finite values (NaN/inf) with this request's {used}, the likely cause: "
+                    "try a lower lora_scale, or another file" if lora else
+                    f"the model produced non-finite values (NaN/inf) with this request's {used}, the likely cause: "
+                    "send another embedding"
+                ) from None
             raise ExpectedFault(str(exc)) from None
         except Exception as exc:
             if type(exc).__name__ != "OutOfMemoryError":

@@ -12,7 +12,8 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
   is answered by the predictions' cancel route, which runs the same `runner.cancel` (Cog's training
   route calls the async cancel handler without awaiting it: every training cancel was a 500 and
   cancelled nothing);
-- image URLs are fetched with a byte and time bound, every redirect checked, the optional
+- image URLs (and a train-mode server's training archive URLs, with their own bounds) are fetched
+  with a byte and time bound, every redirect checked, the optional
   private-address block of models.urls, and no 0-byte temp file left after a failure
   (`URLPath.convert` copies an unbounded stream into a temp file it never removes on error);
 - webhooks are sent from a per-prediction thread with timeouts and two retries at most: Cog sends
@@ -36,8 +37,10 @@ Every fix is tested through the real server (tests/test_serving.py).
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import json
+import math
 import os
 import queue
 import shutil
@@ -50,11 +53,22 @@ import traceback
 import types
 from pathlib import Path
 
+from cog_base import cancel
+
 MAX_BODY_BYTES = int(float(os.environ.get("CONTROLNET_MAX_BODY_MB", "64")) * 2**20)
 IMAGE_MAX_BYTES = int(float(os.environ.get("CONTROLNET_IMAGE_MAX_MB", "50")) * 2**20)
 IMAGE_TIMEOUT_S = float(os.environ.get("CONTROLNET_IMAGE_TIMEOUT_S", "30"))
+# A train-mode server's one file input is the training archive (`pairs`), a predict-mode server's are
+# images: the mode is the route (--x-mode train serves /trainings only), and URLPath knows no input name.
+TRAIN_ARCHIVE_MAX_BYTES = int(float(os.environ.get("CONTROLNET_TRAIN_ARCHIVE_MAX_MB", "4096")) * 2**20)
+TRAIN_ARCHIVE_TIMEOUT_S = float(os.environ.get("CONTROLNET_TRAIN_ARCHIVE_TIMEOUT_S", "600"))
+URL_INPUTS = {
+    "predict": ("image URL", IMAGE_MAX_BYTES, IMAGE_TIMEOUT_S),
+    "train": ("pairs archive URL", TRAIN_ARCHIVE_MAX_BYTES, TRAIN_ARCHIVE_TIMEOUT_S),
+}
 WEBHOOK_TIMEOUT = (3.0, 5.0)  # connect, read
 WEBHOOK_RETRIES = 2  # the final webhook only; at most ~3 x 8 s, on a thread of its own
+STOP_GRACE_S = 2.0  # what a request still open at a stop gets to finish
 STOP_WATCHDOG_S = 9.0
 REQUEST_ROUTES = ("/predictions", "/trainings")
 
@@ -71,8 +85,10 @@ def install() -> None:
         _patch_url_inputs()
         _patch_webhooks()
         _patch_async_outputs()
+        cancel.install_http()
     _patch_path_validation()
     _patch_worker_tracebacks()
+    cancel.install_worker()
 
 
 def _running_cog_http() -> bool:
@@ -88,16 +104,42 @@ def _json_response(status: int, detail):
     return status, headers, body
 
 
+class _NonFinite(str):
+    """A NaN, Infinity or out-of-range number (1e999) in a body, as written."""
+
+
+def _finite_float(text: str):
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
 def _body_problem(raw: bytes) -> str | None:
     """Why a prediction/training body is not one Cog can take, or None."""
     try:
-        body = json.loads(raw) if raw.strip() else None
+        # Python's JSON takes the bare tokens NaN and Infinity, which no JSON client should send; Cog
+        # answered them with 500 when it encoded its reply.
+        body = json.loads(raw, parse_constant=_NonFinite, parse_float=_finite_float) if raw.strip() else None
     except ValueError:
         return "the body is not valid JSON; send {\"input\": {...}}"
     if not isinstance(body, dict):
         return "the body must be a JSON object: {\"input\": {...}}"
     if not isinstance(body.get("input"), dict):
         return "the body needs an \"input\" object holding the inputs: {\"input\": {\"image\": ..., \"prompt\": ...}}"
+    where = _non_finite_at(body)
+    if where:
+        path, token = where
+        return f"{path} is {token}, not a finite number; send a finite number"
+    return None
+
+
+def _non_finite_at(value, path: str = "") -> tuple[str, str] | None:
+    if isinstance(value, _NonFinite):
+        return path, str(value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite_at(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip("."))
+        if found:
+            return found
     return None
 
 
@@ -189,6 +231,10 @@ def _patch_http_main(main) -> None:
     class GuardedServer(server_class):
         def __init__(self, config):
             config.app = Guard(config.app)
+            # uvicorn waits for open requests (a sync prediction) before the app's shutdown, which stops
+            # the worker; Cog gives up after 5 s and skips that shutdown, so the worker's files stayed
+            # and the watchdog had to end the process.
+            config.timeout_graceful_shutdown = STOP_GRACE_S
             super().__init__(config=config)
 
     main.Server = GuardedServer
@@ -232,6 +278,7 @@ def _start_watchdog() -> None:
     def watchdog():
         time.sleep(STOP_WATCHDOG_S)
         print(f"controlnet-cog: still running {STOP_WATCHDOG_S:.0f}s after the stop signal; exiting now", file=sys.stderr, flush=True)
+        remove_inputs()
         for child in _children():
             try:
                 os.kill(child, signal.SIGKILL)
@@ -270,36 +317,62 @@ def _patch_path_validation() -> None:
     cog_types.Path.validate = classmethod(validate)
 
 
+def _cog_mode() -> str:
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg == "--x-mode" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--x-mode="):
+            return arg.split("=", 1)[1]
+    return "predict"
+
+
 def _patch_url_inputs() -> None:
     from cog import types as cog_types
 
     from models.urls import URLError, download
 
+
     def convert(self):
         if self._path is None:
             dest = Path(tempfile.mkdtemp(prefix="cog-input-")) / (self.filename or "input")
+            _input_dirs.add(dest.parent)
             try:
                 if str(self.source).startswith("data:"):  # already decoded, bounded by the body size
                     with open(dest, "wb") as out:
                         shutil.copyfileobj(self.fileobj, out)
                 else:
-                    download(self.source, dest, "image URL", IMAGE_MAX_BYTES, IMAGE_TIMEOUT_S)
+                    # At request time: Cog hides sys.argv while it imports the predictor (hence this module).
+                    what, max_bytes, timeout_s = URL_INPUTS.get(_cog_mode(), URL_INPUTS["predict"])
+                    download(self.source, dest, what, max_bytes, timeout_s, abort=cancel.current_stop())
             except URLError as exc:
-                shutil.rmtree(dest.parent, ignore_errors=True)
+                _remove_input_dir(dest.parent)
                 raise ValueError(str(exc)) from None
             self._path = dest
         return self._path
 
     def unlink(self, missing_ok: bool = False) -> None:
         if self._path:
-            self._path.unlink(missing_ok=True)
-            try:
-                self._path.parent.rmdir()
-            except OSError:
-                pass
+            _remove_input_dir(self._path.parent)
 
     cog_types.URLPath.convert = convert
     cog_types.URLPath.unlink = unlink
+    atexit.register(remove_inputs)
+
+
+# The input folders of predictions in flight; a stop removes them (Cog's cleanup runs only when a
+# prediction ends, and a stop does not wait for that).
+_input_dirs: set[Path] = set()
+
+
+def _remove_input_dir(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    _input_dirs.discard(folder)
+
+
+def remove_inputs() -> None:
+    for folder in list(_input_dirs):
+        _remove_input_dir(folder)
 
 
 # -- async outputs --------------------------------------------------------------------------------

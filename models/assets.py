@@ -3,8 +3,9 @@
 A request's asset is an http(s) URL or a `data:` URI: it is streamed to disk with a byte bound, a
 time bound and models.urls' address check, kept in an on-disk cache keyed by the URL (a repeat
 request does not download again) and evicted least-recently-used when the cache outgrows its size. A start-up asset (COG_WEIGHTS) may also
-be a local path. Archives are unpacked with tarfile's "data" filter, which refuses absolute paths,
-links out of the folder and device files. No Cog here: the shared predictor passes the settings in.
+be a local path; a client's (lora_url, embedding_url, init_from) may not. The operator's archives are
+unpacked with tarfile's "data" filter, which refuses absolute paths, links out of the folder and device
+files; a client's with models.archives' bounds as well. No Cog here: the shared predictor passes the settings in.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from models import archives
 from models.urls import URLError, download, human
 
 MiB = 2**20
@@ -64,6 +66,12 @@ class AssetCache:
         self.evict(keep=path)
         return path
 
+    def forget(self, *sources: str) -> None:
+        """Drop these assets: one that failed must be fetched again next time (its host may have fixed it)."""
+        for source in sources:
+            if source:
+                self.path_for(source.strip()).unlink(missing_ok=True)
+
     def _download(self, url: str, path: Path, what: str) -> None:
         try:
             download(url, path, what, self.max_file_bytes, self.timeout_s)
@@ -94,7 +102,8 @@ def _decode_data_uri(uri: str, what: str) -> bytes:
 
 
 def fetch_weights(source: str, cache: AssetCache) -> Path:
-    """COG_WEIGHTS: a local file or folder, or a URL; archives (.tar, .tar.gz, .zip) become folders."""
+    """COG_WEIGHTS: a local file or folder, or a URL; archives (.tar, .tar.gz, .zip) become folders. The
+    operator's setting, so a local path is fine and the archive is unpacked as the operator packed it."""
     local = Path(source).expanduser()
     if not source.startswith(("http://", "https://", "data:")):
         if not local.exists():
@@ -102,21 +111,51 @@ def fetch_weights(source: str, cache: AssetCache) -> Path:
         path = local
     else:
         path = cache.fetch(source, "COG_WEIGHTS")
+    return _as_folder(path, cache, _unpack_trusted)
+
+
+def fetch_client_weights(source: str, cache: AssetCache, what: str) -> Path:
+    """Weights a client names (init_from): only what a client can reach itself, an http(s) URL or a
+    data: URI (a server path would let a client probe and unpack the server's files), and an archive
+    unpacks to at most the cache's size and CLIENT_ARCHIVE_ENTRIES files."""
+    path = cache.fetch(source, what)  # refuses anything else, in the same words whether or not it exists
+
+    def unpack(archive: Path, folder: Path) -> None:
+        try:
+            archives.unpack(archive, folder, archives.Bounds(cache.max_bytes, CLIENT_ARCHIVE_ENTRIES), what=f"the {what} archive")
+        except archives.ArchiveError as exc:
+            raise AssetError(str(exc)) from None
+
+    return _as_folder(path, cache, unpack)
+
+
+CLIENT_ARCHIVE_ENTRIES = 10_000  # a diffusers folder holds a handful of files
+
+
+def _unpack_trusted(path: Path, folder: Path) -> None:
+    if tarfile.is_tarfile(path):
+        with tarfile.open(path) as archive:
+            archive.extractall(folder, filter="data")
+    else:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():  # zipfile strips absolute paths but not '..'
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise AssetError(f"COG_WEIGHTS archive holds an unsafe path {name!r}")
+            archive.extractall(folder)
+
+
+def _as_folder(path: Path, cache: AssetCache, unpack) -> Path:
     if path.is_dir() or not (tarfile.is_tarfile(path) or zipfile.is_zipfile(path)):
         return path
     folder = cache.root / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".d")
     if not (folder / ".unpacked").exists():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        if tarfile.is_tarfile(path):
-            with tarfile.open(path) as archive:
-                archive.extractall(folder, filter="data")
-        else:
-            with zipfile.ZipFile(path) as archive:
-                for name in archive.namelist():  # zipfile strips absolute paths but not '..'
-                    if Path(name).is_absolute() or ".." in Path(name).parts:
-                        raise AssetError(f"COG_WEIGHTS archive holds an unsafe path {name!r}")
-                archive.extractall(folder)
+        try:
+            unpack(path, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # a refused archive leaves nothing in the cache
+            raise
         (folder / ".unpacked").touch()
     # An archive of one folder: use that folder.
     entries = [p for p in folder.iterdir() if p.name != ".unpacked"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ MAX_INPUT_PIXELS = 64_000_000
 # The largest sample the jagilley inputs can ask for (768 short side at 4:1); exact sizes keep to it.
 MAX_OUTPUT_PIXELS = 768 * 3072
 FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+BAND_PIXELS = 2**20  # pixels of a 16-bit/float image converted to 8 bits at a time
 
 
 class InputImageError(ValueError):
@@ -47,7 +49,10 @@ def load_rgb(path) -> np.ndarray:
     scaled to 8 bits rather than clipped.
     """
     try:
-        with Image.open(path) as img:
+        # Pillow warns about malformed metadata (EXIF) it then ignores; Python's warning line names
+        # Pillow's own source file on the server. One note in the client's terms instead.
+        with warnings.catch_warnings(record=True) as caught, Image.open(path) as img:
+            warnings.simplefilter("always")
             width, height = img.size
             if width * height > MAX_INPUT_PIXELS:
                 raise InputImageError(
@@ -55,8 +60,11 @@ def load_rgb(path) -> np.ndarray:
                     f"send at most {MAX_INPUT_PIXELS / 1e6:.0f} MP"
                 )
             # Phone photos are stored sideways with an EXIF orientation tag; the map must match
-            # the picture the user sees.
-            return to_rgb(ImageOps.exif_transpose(img))
+            # the picture the user sees. In place: a copy of a 64 MP float image is 256 MB more.
+            ImageOps.exif_transpose(img, in_place=True)
+            rgb = to_rgb(img)
+        _note_warnings(caught)
+        return rgb
     except InputImageError:
         raise
     except Image.DecompressionBombError:
@@ -68,21 +76,45 @@ def load_rgb(path) -> np.ndarray:
         raise InputImageError(f"image could not be decoded: the file {reason}; send a {FORMATS} file") from None
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Pillow's convert('L') clips 16-bit and float pixels at 255, turning a 16-bit scan white."""
-    values = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I;16") or values.max(initial=0) > 255:
-        values = values / 257.0 if values.max(initial=0) <= 65535 else values * (255.0 / values.max())
-    elif img.mode == "F" and values.max(initial=0) <= 1.0:
-        values = values * 255.0
-    if not np.isfinite(values).all():
-        raise InputImageError("image holds non-finite pixel values (NaN or infinity); send a normal image")
-    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+def _note_warnings(caught) -> None:
+    notes = dict.fromkeys(" ".join(str(w.message).split())[:160] for w in caught if issubclass(w.category, UserWarning))
+    for note in notes:
+        print(f"Note: the image's metadata is malformed and was ignored ({note})", flush=True)
+
+
+def _to_8bit(img: Image.Image) -> np.ndarray:
+    """Pillow's convert('L') clips 16-bit and float pixels at 255, turning a 16-bit scan white.
+
+    Converted in bands of rows: float64 temporaries of a few MB whatever the image's size (converted
+    whole, a 64 MP 16-bit PNG of 0.6 MB took 1.8 GB), with the same arithmetic, so the same pixels."""
+    width, height = img.size
+    rows = max(1, BAND_PIXELS // max(1, width))
+    bands = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+
+    def band(top: int, bottom: int) -> np.ndarray:
+        return np.asarray(img.crop((0, top, width, bottom)), dtype=np.float64)
+
+    high = 0.0
+    for top, bottom in bands:
+        values = band(top, bottom)
+        if not np.isfinite(values).all():
+            raise InputImageError("image holds non-finite pixel values (NaN or infinity); send a normal image")
+        high = max(high, float(values.max(initial=0)))
+    if img.mode.startswith("I;16") or high > 255:
+        scale = (lambda v: v / 257.0) if high <= 65535 else (lambda v: v * (255.0 / high))
+    elif img.mode == "F" and high <= 1.0:
+        scale = lambda v: v * 255.0  # noqa: E731
+    else:
+        scale = lambda v: v  # noqa: E731
+    out = np.empty((height, width), np.uint8)
+    for top, bottom in bands:
+        out[top:bottom] = np.clip(np.round(scale(band(top, bottom))), 0, 255)
+    return out
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode.startswith("I") or img.mode == "F":
-        img = _to_8bit(img)
+    if img.mode.startswith("I") or img.mode == "F":  # greyscale without alpha: the grey in each channel
+        return np.repeat(_to_8bit(img)[:, :, None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -24,15 +24,6 @@ import weights.tiny
 from scripts.cog_server import CogServer
 
 
-# The conditions whose servers the suite keeps up together, for the whole session. The ControlNet 1.1
-# images are served one at a time instead (test_server.py::test_each_controlnet_11_image_serves_...):
-# fifteen servers at once would not fit a busy 2-core CI box. `make fuzz COND=x` serves x too.
-ONE_AT_A_TIME = ("inpaint", "ip2p", "lineart", "shuffle", "softedge", "tile")
-SERVED = tuple(
-    c for c in weights.CONDITIONS if c not in ONE_AT_A_TIME or c in os.environ.get("FUZZ_CONDITIONS", "").split(",")
-)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def tiny_weights():
     """`make test` writes them first; this keeps a bare `pytest` run working too."""
@@ -93,6 +84,16 @@ def image_file(tmp_path):
     return make
 
 
+# The conditions the `servers` fixture starts, together, for the whole session: FUZZ_CONDITIONS (`make fuzz
+# COND=x` runs only test_fuzz.py, on those), else all but the ControlNet 1.1 images. Those are served one at
+# a time (test_server.py::test_each_controlnet_11_image_serves_through_its_own_server): fifteen servers at
+# once would not fit a busy 2-core CI box.
+ONE_AT_A_TIME = ("inpaint", "ip2p", "lineart", "shuffle", "softedge", "tile")
+SERVED = [c for c in os.environ.get("FUZZ_CONDITIONS", "").split(",") if c] or [
+    c for c in weights.CONDITIONS if c not in ONE_AT_A_TIME
+]
+
+
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """Each server is started once for the whole suite, all at the same time (setup is mostly imports)."""
@@ -117,11 +118,33 @@ def server(request, servers):
     return servers[request.param]
 
 
+def trickle(handler, headers_too=False, seconds=60, interval=0.2):
+    """Answer a GET one byte at a time (the body, or the headers too), as a host that holds a download open."""
+    try:
+        if headers_too:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * int(seconds / interval):
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+                time.sleep(interval)
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(int(seconds / interval)))
+        handler.end_headers()
+        handler.wfile.flush()
+        for _ in range(int(seconds / interval)):
+            handler.wfile.write(b"\0")
+            handler.wfile.flush()
+            time.sleep(interval)
+    except OSError:  # the client hung up, as it should
+        pass
+
+
 class Receiver:
-    """A client's HTTP endpoint on loopback: records webhooks (POST) and uploads (PUT); /hang never answers."""
+    """A client's HTTP endpoint on loopback: records webhooks (POST) and uploads (PUT); serves `files` (path ->
+    bytes) to GET; /hang never answers; /trickle and /trickle-headers send a byte every 0.2 s for a minute."""
 
     def __init__(self):
-        self.events, self.uploads = [], {}
+        self.events, self.uploads, self.files = [], {}, {}
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -145,6 +168,16 @@ class Receiver:
             def do_GET(self):  # image URLs
                 if self.path.startswith("/hang"):
                     time.sleep(60)
+                    return
+                if self.path.startswith("/trickle"):  # a byte every 0.2 s, for a minute: under every read timeout
+                    trickle(self, headers_too="headers" in self.path)
+                    return
+                if self.path in receiver.files:
+                    body = receiver.files[self.path]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                     return
                 if self.path.startswith("/big"):
                     self.send_response(200)

@@ -25,7 +25,7 @@ from schemathesis.checks import not_a_server_error
 from tests.conftest import SERVED
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
-CONDITIONS = [c for c in os.environ.get("FUZZ_CONDITIONS", ",".join(SERVED)).split(",") if c]
+CONDITIONS = SERVED  # FUZZ_CONDITIONS, or every condition the suite serves together
 URL_FIELDS = ("image", "input_image", "lora_url", "embedding_url")
 
 
@@ -65,11 +65,26 @@ def keep_local_and_quick(body):
         inputs["image_resolution"] = "256"
 
 
+@pytest.fixture(scope="module")
+def sent(request):
+    """Requests sent, per condition and operation; the total is printed at the end of the run."""
+    counts: dict = {}
+    yield counts
+    total = sum(n for per_condition in counts.values() for n in per_condition.values())
+    detail = "; ".join(f"{condition} {sum(ops.values())}" for condition, ops in counts.items())
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+            reporter.ensure_newline()
+            reporter.write_line(f"fuzz: {total} requests sent to {len(counts)} server(s) ({detail}), "
+                                f"up to {EXAMPLES} per operation and mode")
+
+
 # schemathesis' pytest integration (from_fixture) relies on a private attribute pytest 9 removed, so the
 # generated cases are driven with hypothesis directly.
 @pytest.mark.parametrize("condition", CONDITIONS)
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
-def test_no_request_gets_a_server_error(servers, condition, mode):
+def test_no_request_gets_a_server_error(servers, sent, condition, mode):
     server = servers[condition]
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -90,6 +105,8 @@ def test_no_request_gets_a_server_error(servers, condition, mode):
         except Unsatisfiable:
             # Some operations have nothing to violate (no body; any string is a valid prediction id).
             assert mode == GenerationMode.NEGATIVE, operation.label
+    for label, n in calls.items():
+        sent.setdefault(condition, {})[label] = sent.get(condition, {}).get(label, 0) + n
     assert calls.get("POST /predictions", 0) >= min(EXAMPLES, 5)
 
 

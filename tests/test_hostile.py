@@ -122,6 +122,57 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     assert abs(int(load_rgb(tmp_path / "mid.png")[0, 0, 0]) - 128) <= 1  # clipping would give 255
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_sixteen_bit_and_float_images_convert_exactly_in_bounded_memory(tmp_path, mode):
+    """The 8-bit conversion works in bands of rows: the same pixels as converting the whole image in
+    float64 (which took 1.8 GB for a 64 MP 16-bit PNG), with numpy's peak near the RGB result's size."""
+    import tracemalloc
+
+    from models.image import load_rgb
+
+    height, width = 2000, 2500  # 5 MP: several bands
+    rng = np.random.default_rng(1)
+    if mode == "I;16":
+        pixels = rng.integers(0, 65536, (height, width), dtype=np.uint16)
+    elif mode == "I":
+        pixels = rng.integers(-100, 300_000, (height, width), dtype=np.int32)
+    else:
+        pixels = rng.random((height, width), dtype=np.float32)
+    Image.fromarray(pixels).save(tmp_path / "in.tif")
+    values = np.asarray(Image.open(tmp_path / "in.tif"), dtype=np.float64)
+    high = values.max()
+    scaled = values / 257.0 if mode == "I;16" else values * (255.0 / high) if mode == "I" else values * 255.0
+    expected = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+    del values, scaled
+
+    tracemalloc.start()
+    try:
+        rgb = load_rgb(tmp_path / "in.tif")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rgb.dtype == np.uint8 and rgb.shape == (height, width, 3)
+    np.testing.assert_array_equal(rgb[:, :, 0], expected)
+    np.testing.assert_array_equal(rgb[:, :, 2], expected)
+    assert peak < 2 * rgb.nbytes  # converted whole in float64 it was ~8 times the RGB result
+
+
+def test_malformed_metadata_is_one_note_without_server_paths(tmp_path, capfd):
+    import warnings
+
+    from models.image import load_rgb
+
+    # An IFD that claims five entries and holds one (orientation 1): Pillow warns "Corrupt EXIF data".
+    exif = b"MM\x00\x2a\x00\x00\x00\x08\x00\x05" + b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x01\x00\x00"
+    drawing().save(tmp_path / "exif.png", exif=exif)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning escaping load_rgb would fail here
+        assert load_rgb(tmp_path / "exif.png").shape == (300, 400, 3)
+    out, err = capfd.readouterr()
+    assert "Note: the image's metadata is malformed and was ignored (Corrupt EXIF data" in out
+    assert ".py" not in out + err and "site-packages" not in out + err
+
+
 def test_overlong_prompt_is_truncated_with_one_warning(predictor, image_file, capsys):
     files = predictor.generate(image_file(), "a house " * 200, **FAST)
     assert len(files) == 2

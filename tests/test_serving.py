@@ -81,6 +81,24 @@ def test_a_malformed_body_gets_422_that_says_what_to_send(servers, body):
     assert server.health() == "READY"
 
 
+@pytest.mark.parametrize("value, where", [
+    ("NaN", "input.scale is NaN"), ("Infinity", "input.scale is Infinity"), ("-Infinity", "input.scale is -Infinity"),
+    ("1e999", "input.scale is 1e999"), ('[1, {"deep": NaN}]', "input.scale[1].deep is NaN"),
+])
+def test_a_non_finite_number_anywhere_in_a_body_gets_422(special, value, where):
+    """Python's JSON takes the bare NaN and Infinity tokens; Cog answered them with 500."""
+    main, _ = special
+    raw = '{"input": {"image": "%s", "prompt": "a house", "scale": %s}}' % (IMAGE, value)
+    for response in (
+        requests.post(f"{main.url}/predictions", data=raw, headers={"content-type": "application/json"}, timeout=30),
+        requests.put(f"{main.url}/predictions/x{uuid.uuid4().hex}", data=raw, headers={"content-type": "application/json"},
+                     timeout=30),
+    ):
+        assert response.status_code == 422, response.text[:300]
+        assert response.json()["detail"][0]["msg"] == f"{where}, not a finite number; send a finite number"
+    assert main.health() == "READY"
+
+
 def test_shutdown_is_refused_where_the_policy_says_so(special):
     main, _ = special
     response = requests.post(f"{main.url}/shutdown", timeout=10)

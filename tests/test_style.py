@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from models.assets import AssetCache, AssetError
 from tests.conftest import predictor_class, setup_with
@@ -162,6 +162,18 @@ def test_a_repeated_url_is_not_downloaded_again(canny, host, image_file):
     assert host.hits["/once.safetensors"] == 1
 
 
+@pytest.mark.parametrize("bad", [b"not a safetensors file", "sdxl-lora.safetensors"])
+def test_a_file_that_failed_is_fetched_again_once_fixed(canny, host, image_file, bad):
+    """The cache kept a failed file under its URL, so fixing the file at the same URL still failed."""
+    name = f"fixed-later-{len(host.hits)}.safetensors"
+    (host.folder / name).write_bytes(bad if isinstance(bad, bytes) else (host.folder / bad).read_bytes())
+    with pytest.raises(ValueError, match="not a .safetensors file|not a LoRA"):
+        sample(canny, image_file(), lora_url=host.url(name))
+    (host.folder / name).write_bytes((host.folder / "style-a.safetensors").read_bytes())
+    with_lora = sample(canny, image_file(), lora_url=host.url(name))
+    assert mean_diff(with_lora, sample(canny, image_file())) > 0.5 and host.hits[f"/{name}"] == 2
+
+
 def test_a_lora_as_data_uri(canny, host, image_file):
     raw = (host.folder / "style-a.safetensors").read_bytes()
     uri = "data:application/octet-stream;base64," + base64.b64encode(raw).decode()
@@ -191,7 +203,7 @@ def test_the_embedding_changes_the_output_only_when_the_prompt_uses_its_token(ca
         ("missing.safetensors", {}, "answered HTTP 404"),
         ("big.safetensors", {}, "send at most 1 MiB"),
         ("hang", {}, "did not answer in time"),
-        ("embedding.safetensors", {"embedding_token": "a"}, "Use a token that is not a word"),
+        ("embedding.safetensors", {"embedding_token": "a"}, "embedding_token 'a' is a word the model already knows"),
     ],
 )
 def test_bad_assets_fail_with_what_to_send_and_leave_the_server_unaffected(canny, host, baseline, name, kwargs, message):
@@ -208,6 +220,120 @@ def test_bad_assets_fail_with_what_to_send_and_leave_the_server_unaffected(canny
         canny.assets.max_file_bytes, canny.assets.timeout_s = 2**30, 120.0
     np.testing.assert_array_equal(before, sample(canny, path))
     assert lora_layers(canny.runner.pipe) == 0
+
+
+def as_uri(state: dict) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(save(state)).decode()
+
+
+def filled_lora(canny, value: float) -> dict:
+    unet = canny.runner.pipe.unet
+    state = {}
+    for name in [n for n, _ in unet.named_modules() if n.endswith(ATTENTION) and ".attn" in n][:4]:
+        layer = unet.get_submodule(name)
+        state[f"unet.{name}.lora_A.weight"] = torch.full((4, layer.in_features), value)
+        state[f"unet.{name}.lora_B.weight"] = torch.full((layer.out_features, 4), value)
+    return state
+
+
+def embedding(canny, shape=None, value=None, width_extra=0, **tensors) -> dict:
+    width = canny.runner.pipe.text_encoder.config.hidden_size
+    if tensors:
+        return {key: torch.randn(n, width if n else 1280) for key, n in tensors.items()}
+    tensor = torch.randn(*(shape or (1,)), width + width_extra)
+    return {"emb_params": tensor.fill_(value) if value is not None else tensor}
+
+
+BAD_FILES = {
+    "NaN LoRA": (lambda c: {"lora_url": as_uri(filled_lora(c, float("nan")))},
+                 "lora_url holds non-finite values (NaN or infinity) in 'unet."),
+    "1e30 LoRA": (lambda c: {"lora_url": as_uri(filled_lora(c, 1e30))}, "lora_url holds values up to 1e+30 in"),
+    "all-NaN embedding": (lambda c: {"embedding_url": as_uri(embedding(c, value=float("nan")))},
+                          "embedding_url holds non-finite values (NaN or infinity) in 'emb_params'"),
+    "3-D embedding": (lambda c: {"embedding_url": as_uri(embedding(c, shape=(1, 2)))},
+                      "embedding_url's tensor is 3-dimensional (1 x 2 x 32); an embedding is one tensor of n x 32 "
+                      "values (SD 1.5 embeddings are 768 wide)"),
+    "wrong-width embedding": (lambda c: {"embedding_url": as_uri(embedding(c, shape=(2,), width_extra=8))},
+                              "embedding_url's vectors are 40 wide; this model's text encoder takes vectors 32 wide"),
+    "two-key (SDXL) embedding": (lambda c: {"embedding_url": as_uri(embedding(c, clip_l=1, clip_g=0))},
+                                 "embedding_url holds 2 tensors ('clip_g', 'clip_l': an SDXL embedding)"),
+    "integer embedding": (lambda c: {"embedding_url": as_uri({"emb_params": torch.ones(1, 32, dtype=torch.int64)})},
+                          "holds int64 values"),
+    "5,000-vector embedding": (lambda c: {"embedding_url": as_uri(embedding(c, shape=(5000,)))},
+                               "embedding_url holds 5000 vectors; send 1 to 75"),
+}
+
+
+def test_damaged_or_misshapen_files_are_refused_in_the_clients_terms(canny, baseline):
+    path, before = baseline
+    for name, (make, message) in BAD_FILES.items():
+        inputs = make(canny)
+        if "embedding_url" in inputs:
+            inputs["embedding_token"] = "<x>"
+        started = time.monotonic()
+        with pytest.raises(ValueError) as error:
+            canny.generate(path, "a <x> house", **FAST, **inputs)
+        assert message in str(error.value), name
+        assert time.monotonic() - started < 20, name
+        assert "tensor(" not in str(error.value) and "{" not in str(error.value), name  # no tensor, no template
+    np.testing.assert_array_equal(before, sample(canny, path))  # and nothing of them stayed
+    assert lora_layers(canny.runner.pipe) == 0
+
+
+def test_an_embedding_of_many_vectors_within_the_bound_is_used(canny, baseline):
+    path, before = baseline
+    emb = {"embedding_url": as_uri(embedding(canny, shape=(75,))), "embedding_token": "<many>"}
+    vocabulary = len(canny.runner.pipe.tokenizer)
+    used = sample(canny, path, "a <many> house", **emb)
+    assert mean_diff(used, before) > 0.1
+    assert len(canny.runner.pipe.tokenizer) == vocabulary
+
+
+def test_a_file_that_makes_the_output_non_finite_is_blamed_not_the_server(canny, baseline, monkeypatch):
+    """A LoRA within the value bound can still be too strong: the message names it, as an input error."""
+    import models.pipeline
+
+    path, _ = baseline
+    def non_finite(tensor, stage):
+        raise models.pipeline.NonFiniteOutputError(f"the model produced non-finite values (NaN/inf) during {stage}; "
+                                                   "this is a numerical fault of the server")
+
+    monkeypatch.setattr(models.pipeline, "_check_finite", non_finite)
+    with pytest.raises(ValueError, match="non-finite values .* with this request's lora_url, the likely cause: try a "
+                                         "lower lora_scale"):
+        canny.generate(path, "a house", **FAST, lora_url=as_uri(filled_lora(canny, 0.01)))
+    from cog_base.predictor import ExpectedFault
+
+    with pytest.raises(ExpectedFault, match="numerical fault of the server"):
+        canny.generate(path, "a house", **FAST)
+
+
+def test_what_reaches_a_client_of_the_real_server_holds_no_traceback_or_path(canny, tmp_path):
+    """Cog's worker printed a traceback into `logs` for every failure that was not a ValueError, and
+    Python's warning lines name Pillow's file on the server."""
+    import io
+
+    from scripts.cog_server import CogServer
+    from tests.conftest import data_uri, drawing, png_bytes
+
+    exif = io.BytesIO()  # an IFD that claims five entries and holds one: Pillow warns
+    drawing().save(exif, "PNG", exif=b"MM\x00\x2a\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\x00\x00\x00\x01\x00\x01\x00\x00")
+    base = {"image": data_uri(png_bytes(drawing())), "prompt": "a <x> house", "ddim_steps": 1,
+            "image_resolution": "256", "seed": 1}
+    cases = [
+        ({"lora_url": as_uri(filled_lora(canny, float("nan")))}, "failed", "lora_url holds non-finite values"),
+        ({"embedding_url": as_uri(embedding(canny, shape=(1, 2))), "embedding_token": "<x>"}, "failed",
+         "embedding_url's tensor is 3-dimensional"),
+        ({"image": data_uri(exif.getvalue())}, "succeeded", "Note: the image's metadata is malformed and was ignored"),
+    ]
+    with CogServer("canny", log_path=tmp_path / "server.log",
+                   env={"CONTROLNET_ASSET_CACHE": str(tmp_path / "cache")}) as server:
+        for inputs, status, message in cases:
+            body = server.predict({**base, **inputs}).json()
+            assert body["status"] == status, body.get("error")
+            assert message in (body.get("error") or "") + body["logs"]
+            assert "Traceback" not in body["logs"] and ".py" not in body["logs"] and "/tmp" not in body["logs"]
+        assert server.health() == "READY"
 
 
 def test_embedding_url_needs_its_token(canny, host, image_file):

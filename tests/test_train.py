@@ -218,10 +218,135 @@ def test_not_an_archive_and_unsafe_paths_are_refused(tmp_path):
     (tmp_path / "x.zip").write_bytes(b"plain text")
     with pytest.raises(TrainingDataError, match="neither a zip nor a tar"):
         read_pairs(tmp_path / "x.zip", tmp_path / "u", 64)
-    files = toy_files(1) | {"../escape.txt": b"x"}
-    with pytest.raises(TrainingDataError, match="unsafe entry"):
-        read_pairs(write_archive(tmp_path / "evil.tar", files), tmp_path / "u2", 64)
+    for name, files in [("evil.tar", toy_files(1) | {"../escape.txt": b"x"}),
+                        ("evil.zip", toy_files(1) | {"../escape.txt": b"x"}),
+                        ("abs.zip", toy_files(1) | {"/tmp/abs.txt": b"x"})]:
+        with pytest.raises(TrainingDataError, match=r"holds a path outside its folder: '(\.\./escape|/tmp/abs)\.txt'") as err:
+            read_pairs(write_archive(tmp_path / name, files), tmp_path / "u2", 64)
+        assert str(tmp_path) not in str(err.value)  # tarfile's own message names the destination folder
     assert not (tmp_path / "escape.txt").exists()
+    link = tmp_path / "link.tar"
+    with tarfile.open(link, "w") as tf:
+        info = tarfile.TarInfo("images/pair0.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
+        tf.addfile(info)
+    with pytest.raises(TrainingDataError, match="holds a link: 'images/pair0.png'"):
+        read_pairs(link, tmp_path / "u3", 64)
+    clash = toy_files(1)
+    clash = {"images": b"a file where a folder goes", **clash}
+    with pytest.raises(TrainingDataError, match="holds two entries for one path at 'images/pair0.png'"):
+        read_pairs(write_archive(tmp_path / "clash.tar", clash), tmp_path / "u4", 64)
+
+
+class Zeros:
+    """A file of `size` zero bytes, read in pieces: the body of an archive bomb."""
+
+    def __init__(self, size):
+        self.left = size
+
+    def read(self, n=-1):
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return b"\0" * n
+
+
+def bomb(path: Path, size: int) -> Path:
+    """A valid-looking pairs archive plus one member of `size` zeros (which compresses ~1000:1)."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in toy_files(1).items():
+                zf.writestr(name, data)
+            with zf.open("images/zeros.png", "w", force_zip64=True) as out:
+                shutil.copyfileobj(Zeros(size), out)
+    else:
+        with tarfile.open(path, "w:gz") as tf:
+            for name, data in toy_files(1).items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo("images/zeros.png")
+            info.size = size
+            tf.addfile(info, Zeros(size))
+    return path
+
+
+def lying_zip(path: Path, size: int) -> Path:
+    """A zip whose headers declare its big member 10 bytes long."""
+    bomb(path, size)
+    raw = bytearray(path.read_bytes())
+    for signature, field in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        start = 0
+        while (start := raw.find(signature, start)) >= 0:
+            name_length = int.from_bytes(raw[start + field + 4 : start + field + 6], "little")
+            name_at = start + (30 if signature == b"PK\x03\x04" else 46)
+            if raw[name_at : name_at + name_length] == b"images/zeros.png":
+                raw[start + field : start + field + 4] = (10).to_bytes(4, "little")
+            start += 4
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def unpacked_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: bomb(tmp / "bomb.zip", 8 * 2**20),
+    lambda tmp: bomb(tmp / "bomb.tar.gz", 8 * 2**20),
+    lambda tmp: lying_zip(tmp / "lying.zip", 8 * 2**20),
+], ids=["zip", "tar.gz", "zip with lying sizes"])
+def test_an_archive_bomb_stops_at_the_bound_before_filling_the_disk(tmp_path, monkeypatch, make):
+    monkeypatch.setenv("CONTROLNET_TRAIN_MAX_UNPACKED_MB", "1")
+    archive = make(tmp_path)
+    assert archive.stat().st_size < 64 * 1024
+    with pytest.raises(TrainingDataError, match="the pairs archive (unpacks to more than 1 MiB|is damaged)") as err:
+        read_pairs(archive, tmp_path / "u", 64)
+    assert str(tmp_path) not in str(err.value)
+    assert unpacked_bytes(tmp_path / "u") <= 2**20  # stopped at the bound, not after
+
+
+def test_an_archive_unpacks_to_at_most_a_multiple_of_its_own_size(tmp_path, monkeypatch):
+    from models import train_data
+
+    monkeypatch.setattr(train_data, "RATIO_FLOOR", 2**20)
+    archive = bomb(tmp_path / "bomb.tar.gz", 8 * 2**20)  # ~8 KB unpacking to 8 MiB: ~1000 times its size
+    with pytest.raises(TrainingDataError, match="unpacks to more than 1 MiB"):
+        read_pairs(archive, tmp_path / "u", 64)
+    assert unpacked_bytes(tmp_path / "u") <= 2**20
+    assert len(read_pairs(write_archive(tmp_path / "ok.tar.gz", toy_files(3)), tmp_path / "u2", 64)) == 3
+
+
+@pytest.mark.parametrize("archive", ["many.zip", "many.tar"])
+def test_an_archive_of_too_many_files_is_refused(tmp_path, monkeypatch, archive):
+    monkeypatch.setenv("CONTROLNET_TRAIN_MAX_FILES", "20")
+    with pytest.raises(TrainingDataError, match="holds more than 20 files and folders"):
+        read_pairs(write_archive(tmp_path / archive, toy_files(12)), tmp_path / "u", 64)
+    assert len([p for p in (tmp_path / "u").rglob("*") if p.is_file()]) <= 20
+
+
+def test_damaged_archives_and_undecodable_captions_say_what_to_fix(tmp_path):
+    good = write_archive(tmp_path / "good.zip", toy_files(2)).read_bytes()
+    bad_crc = bytearray(good)
+    central = bad_crc.find(b"PK\x01\x02")
+    bad_crc[central + 16] ^= 0xFF  # the first member's CRC-32 in the central directory
+    (tmp_path / "crc.zip").write_bytes(bytes(bad_crc))
+    tar_gz = write_archive(tmp_path / "good.tar.gz", toy_files(2)).read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(tar_gz[: len(tar_gz) // 2])
+    latin1 = toy_files(2)
+    latin1["prompts.jsonl"] = '{"file_name": "pair0.png", "text": "café"}\n'.encode("latin-1")
+    csv_latin1 = toy_files(2)
+    del csv_latin1["prompts.jsonl"]
+    csv_latin1["prompts.csv"] = "file_name,text\npair0.png,x\npair1.png,café\n".encode("latin-1")
+    cases = [
+        (tmp_path / "crc.zip", "the pairs archive is damaged at 'images/pair0.png' (its checksum does not match)"),
+        (tmp_path / "cut.tar.gz", "the pairs archive is damaged"),
+        (write_archive(tmp_path / "latin1.zip", latin1), "prompts.jsonl is not UTF-8 text (line 1 holds the byte 0xe9)"),
+        (write_archive(tmp_path / "csv.zip", csv_latin1), "prompts.csv is not UTF-8 text (line 3 holds the byte 0xe9)"),
+    ]
+    for number, (archive, message) in enumerate(cases):
+        with pytest.raises(TrainingDataError) as err:
+            read_pairs(archive, tmp_path / f"u{number}", 64)
+        assert message in str(err.value) and str(tmp_path) not in str(err.value)
 
 
 def test_mixed_sizes_are_resized_and_said_in_the_logs(tmp_path, frozen):
@@ -255,7 +380,8 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
               "mixed_precision": "no"}
     server_tmp = tmp_path / "server-tmp"
     server_tmp.mkdir()
-    with CogServer("custom", mode="train", log_path=tmp_path / "train.log", env={"TMPDIR": str(server_tmp)}) as trainer:
+    env = {"TMPDIR": str(server_tmp), "CONTROLNET_TRAIN_ARCHIVE_MAX_MB": "1"}
+    with CogServer("custom", mode="train", log_path=tmp_path / "train.log", env=env) as trainer:
         schema = requests.get(f"{trainer.url}/openapi.json", timeout=10).json()
         fields = schema["components"]["schemas"]["TrainingInput"]["properties"]
         assert fields["learning_rate"]["default"] == 1e-5 and fields["resolution"]["default"] == 512
@@ -263,6 +389,7 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
                                                          .read_bytes(), "application/zip")}).json()
         assert bad["status"] == "failed" and "have no control map of the same name" in bad["error"]
         assert "Using seed" not in bad["logs"]  # refused before any model was loaded
+        assert_bad_archives_fail_in_the_clients_terms(trainer, inputs, tmp_path)
         assert_a_training_can_be_cancelled(trainer, inputs)
         body = trainer.train(inputs).json()
     assert body["status"] == "succeeded", body.get("error")
@@ -285,6 +412,28 @@ def test_the_weights_train_returns_are_served_by_the_custom_image(tmp_path):
     moved, base = (np.asarray(Image.open(io.BytesIO(from_uri(b["output"][1])))).astype(int)
                    for b in (with_control, base_only))
     assert np.abs(moved - base).mean() > 0.5
+
+
+def assert_bad_archives_fail_in_the_clients_terms(trainer, inputs, tmp_path):
+    """What reaches a client of a train-mode server: one line saying what to fix, no traceback, no path."""
+    receiver = Receiver()
+    good = write_archive(tmp_path / "crc.zip", toy_files(2)).read_bytes()
+    bad_crc = bytearray(good)
+    bad_crc[bad_crc.find(b"PK\x01\x02") + 16] ^= 0xFF
+    latin1 = toy_files(2)
+    latin1["prompts.jsonl"] = '{"file_name": "pair0.png", "text": "café"}\n'.encode("latin-1")
+    cases = [
+        (receiver.url("/big"), "pairs archive URL is 5 MiB; send at most 1 MiB"),  # its own bound, its own name
+        (data_uri(bytes(bad_crc), "application/zip"), "the pairs archive is damaged at 'images/pair0.png'"),
+        (data_uri(write_archive(tmp_path / "latin1.zip", latin1).read_bytes(), "application/zip"),
+         "prompts.jsonl is not UTF-8 text"),
+        (data_uri(write_archive(tmp_path / "evil.tar", toy_files(1) | {"../x.txt": b"x"}).read_bytes(), "application/x-tar"),
+         "the pairs archive holds a path outside its folder: '../x.txt'"),
+    ]
+    for pairs, message in cases:
+        body = trainer.train({**inputs, "pairs": pairs}).json()
+        assert body["status"] == "failed" and message in body["error"], body.get("error")
+        assert "Traceback" not in body["logs"] and "/tmp" not in body["logs"] + body["error"], body["logs"]
 
 
 def assert_a_training_can_be_cancelled(trainer, inputs):
@@ -316,15 +465,55 @@ def test_make_weights_derives_the_untrained_controlnet_from_the_real_base(tmp_pa
     assert ControlNetModel.from_pretrained(found.controlnet).controlnet_mid_block.weight.abs().max() == 0
 
 
-def test_init_from_takes_a_weights_tar_or_folder_and_refuses_anything_else(tmp_path, monkeypatch):
+def test_init_from_takes_a_weights_tar_by_uri_and_refuses_anything_else(tmp_path, monkeypatch):
+    from predictors.custom.train import _fetch_controlnet
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(cache))
+    tiny = weights.locate("custom", prefer="tiny")
+    tar = write_tar(tiny.controlnet, tmp_path / "cn.tar")
+    assert (_fetch_controlnet(data_uri(tar.read_bytes(), "application/x-tar")) / "config.json").is_file()
+    folder_zip = write_archive(tmp_path / "cn.zip", {p.name: p.read_bytes() for p in tiny.controlnet.iterdir()})
+    assert (_fetch_controlnet(data_uri(folder_zip.read_bytes(), "application/zip")) / "config.json").is_file()
+    with pytest.raises(ValueError, match="init_from must be"):
+        _fetch_controlnet(data_uri(write_archive(tmp_path / "p.zip", toy_files(1)).read_bytes(), "application/zip"))
+
+
+def test_init_from_and_asset_urls_never_read_server_paths(tmp_path, monkeypatch, capsys):
+    """A client's input names only what a client can reach: a path on the server gets the same answer
+    whether or not it exists (no file oracle), and nothing of it is read or unpacked."""
+    from predictors.custom.train import _fetch_controlnet
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(cache))
+    tiny = weights.locate("custom", prefer="tiny")
+    tar = write_tar(tiny.controlnet, tmp_path / "cn.tar")
+    paths = [str(tar), str(tiny.controlnet), str(tmp_path / "missing.tar"), "/etc/passwd", "file:///etc/passwd", "cn.tar"]
+    answers = set()
+    for path in paths:
+        with pytest.raises(ValueError) as error:
+            _fetch_controlnet(path)
+        answers.add(str(error.value))
+    assert len(answers) == 1 and "paths on the server are not accepted" in answers.pop()
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.name.endswith(".d")]
+    from models.assets import AssetCache, AssetError
+
+    assets = AssetCache(cache)
+    for what in ("lora_url", "embedding_url"):
+        answers = set()
+        for path in paths:
+            with pytest.raises(AssetError) as error:
+                assets.fetch(path, what)
+            answers.add(str(error.value).replace(repr(path[:40]), "<the input>"))
+        assert answers == {f"{what} must be an http(s) URL or a data: URI, not <the input>"}
+
+
+def test_an_init_from_archive_is_unpacked_within_bounds(tmp_path, monkeypatch):
     from predictors.custom.train import _fetch_controlnet
 
     monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))
-    untrained = weights.locate("custom", prefer="tiny").controlnet
-    tar = write_tar(untrained, tmp_path / "cn.tar")
-    assert (_fetch_controlnet(str(tar)) / "config.json").is_file()
-    assert _fetch_controlnet(str(untrained)) == untrained
-    with pytest.raises(ValueError, match="init_from must be"):
-        _fetch_controlnet(str(weights.locate("custom", prefer="tiny").base))
-    with pytest.raises(ValueError, match="no such file"):
-        _fetch_controlnet(str(tmp_path / "missing.tar"))
+    monkeypatch.setenv("CONTROLNET_ASSET_CACHE_MB", "1")
+    with pytest.raises(ValueError, match="the init_from archive unpacks to more than 1 MiB") as error:
+        _fetch_controlnet(data_uri(bomb(tmp_path / "bomb.tar.gz", 8 * 2**20).read_bytes(), "application/gzip"))
+    assert str(tmp_path) not in str(error.value)
+    assert [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".d")] == []  # nothing left unpacked

@@ -68,8 +68,9 @@ def train(
         description="Validate every this many steps (0: only after the last step)", default=250, ge=0
     ),
     init_from: str = Input(
-        description='"base": a new ControlNet from the base UNet (ControlNet\'s zero-convolution start); or a URL '
-        "or path of an existing ControlNet (a weights tar this returns, or a diffusers folder) to fine-tune",
+        description='"base": a new ControlNet from the base UNet (ControlNet\'s zero-convolution start); or an '
+        "http(s) URL or data: URI of an existing ControlNet (a weights tar this returns, or a zip of a diffusers "
+        "folder) to fine-tune",
         default="base",
     ),
 ) -> TrainingOutput:
@@ -117,11 +118,18 @@ def _log(line: str) -> None:
 
 
 def _fetch_controlnet(source: str):
-    """A URL, data: URI or local path; a tar or zip becomes its folder (as COG_WEIGHTS does when serving)."""
+    """A URL or data: URI (a client's input names only what a client can reach: no server paths); a tar
+    or zip becomes its folder, as COG_WEIGHTS does when serving."""
     from cog_base.predictor import asset_settings
-    from models.assets import AssetCache, fetch_weights
+    from models.assets import AssetCache, AssetError, fetch_client_weights
 
-    folder = fetch_weights(source, AssetCache(**asset_settings()))
+    if not source.startswith(("http://", "https://", "data:")):  # the same answer whether or not it exists
+        raise ValueError('init_from must be "base", or an http(s) URL or data: URI of a ControlNet (e.g. the weights '
+                         "tar a previous training returned); paths on the server are not accepted")
+    try:
+        folder = fetch_client_weights(source, AssetCache(**asset_settings()), "init_from")
+    except AssetError as exc:
+        raise ValueError(str(exc)) from None
     if not (Path(folder) / "config.json").is_file():
         raise ValueError("init_from must be \"base\" or a diffusers ControlNet (config.json + weights), e.g. the "
                          "weights tar a previous training returned")
