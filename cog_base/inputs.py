@@ -44,6 +44,15 @@ class Inputs:
     bg_threshold = Input(
         description="Normalised depth below which a pixel is background (flat normal)", default=0.0, ge=0.0, le=1.0
     )
+    # ControlNet 1.1's preprocessor choices (the first is its demo's default).
+    lineart_preprocessor = Input(
+        description="Line art detector: realistic (detailed lines) or coarse (fewer, bolder lines)",
+        choices=["realistic", "coarse"], default="realistic",
+    )
+    softedge_preprocessor = Input(
+        description="Soft edge detector: PiDiNet or HED; the _safe variants quantise edge strength, hiding faint gradients",
+        choices=["pidinet", "pidinet_safe", "hed", "hed_safe"], default="pidinet",
+    )
     # The published jagilley/controlnet-hed names its image `input_image`; that image takes either.
     image_or_input_image = Input(description="Input image (URL or data: URI); or send it as input_image", default=None)
     input_image = Input(description="Same as image (the name jagilley/controlnet-hed clients send)", default=None)

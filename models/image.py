@@ -246,3 +246,16 @@ def palette_map_problem(control_map: np.ndarray, palette: np.ndarray) -> str | N
     if share < MAP_SHARE:
         return f"only {share:.0%} of the image's pixels have a colour of the segmentation palette"
     return None
+
+
+DARK_SHARE = 0.5  # soft line maps (line art, soft edges) are mostly background, and that is black
+
+
+def dark_background_map_problem(control_map: np.ndarray) -> str | None:
+    """Line art and soft-edge maps are light lines on a black background, with grey in between."""
+    grey = control_map.max(axis=2) if control_map.ndim == 3 else control_map
+    if float(np.mean(grey < 64)) >= DARK_SHARE:
+        return None
+    if float(np.mean(grey > 191)) >= DARK_SHARE:
+        return "it is mostly light: this condition's maps are light lines on black; invert a dark-on-light drawing"
+    return f"only {np.mean(grey < 64):.0%} of its pixels are dark, so it is not a map of light lines on black"

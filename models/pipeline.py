@@ -35,6 +35,12 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if any(folder.glob("*.fp16.safetensors")) else None
 
 
+def _safetensors(folder: Path) -> bool | None:
+    """False for a folder holding .bin weights only (ControlNet 1.1 tile's download): diffusers then reads
+    them (torch.load with weights_only) without first logging an error about a missing .safetensors."""
+    return None if any(folder.glob("*.safetensors")) else False
+
+
 class BaseWeightsError(ValueError):
     """A fine-tuned base that cannot be used; the message says what to provide."""
 
@@ -125,7 +131,7 @@ def load_pipeline(
     pipe = StableDiffusionControlNetPipeline(
         **base,
         tokenizer=CLIPTokenizer.from_pretrained(_tokenizer_dir(base_dir, base_override), local_files_only=True),
-        controlnet=load(ControlNetModel, controlnet_dir),
+        controlnet=load(ControlNetModel, controlnet_dir, use_safetensors=_safetensors(controlnet_dir)),
         # SD 1.5 ships a PNDM config; its betas, steps_offset=1 and set_alpha_to_one=False give
         # the same DDIM timesteps as ldm's sampler that ControlNet 1.0 used.
         scheduler=DDIMScheduler.from_pretrained(base_dir / "scheduler", local_files_only=True),
@@ -277,7 +283,7 @@ class ControlNetRunner:
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
-                image=Image.fromarray(control),
+                image=control_image(control),
                 height=height,
                 width=width,
                 num_inference_steps=request.steps,
@@ -303,6 +309,17 @@ class ControlNetRunner:
         samples = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
         timings["VAE decode"] = time.perf_counter() - start
         return Result(samples, timings)
+
+
+def control_image(control: np.ndarray):
+    """What the pipeline gets for a map: an RGB map as an image (diffusers scales it to 0-1). An RGBA map
+    marks masked pixels with alpha 0, which ControlNet 1.1's inpaint model was trained to see as -1; no
+    image holds that value, so such a map goes in as the 0-1 tensor itself."""
+    if control.shape[2] == 3:
+        return Image.fromarray(control)
+    pixels = torch.from_numpy(np.ascontiguousarray(control[..., :3])).float() / 255.0
+    pixels[torch.from_numpy(control[..., 3] == 0)] = -1.0
+    return pixels.permute(2, 0, 1)[None]
 
 
 def _check_finite(tensor: torch.Tensor, stage: str) -> None:

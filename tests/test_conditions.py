@@ -22,13 +22,22 @@ def predictor(request):
     return p
 
 
+def with_hole(path):
+    """The drawing with a transparent corner: composited onto white by most conditions, repainted by inpaint."""
+    rgba = np.asarray(Image.open(path).convert("RGBA")).copy()
+    rgba[: rgba.shape[0] // 2, : rgba.shape[1] // 2, 3] = 0
+    Image.fromarray(rgba).save(path)
+    return path
+
+
 def test_every_condition_returns_its_map_then_the_samples(predictor, image_file):
-    files = predictor.generate(image_file(), "a house", num_samples="4", **FAST)
+    files = predictor.generate(with_hole(image_file()), "a house", num_samples="4", **FAST)
     assert len(files) == 5
     sizes = {Image.open(f).size for f in files}
     assert sizes == {(320, 256)}
     control = np.asarray(Image.open(files[0]))
-    assert control.shape == (256, 320, 3) and control.dtype == np.uint8
+    # RGB, or RGBA for a map that marks masked pixels (inpaint)
+    assert control.shape[:2] == (256, 320) and control.shape[2] in (3, 4) and control.dtype == np.uint8
 
 
 def test_the_detector_component_is_the_one_its_class_writes(predictor):
@@ -88,3 +97,6 @@ def test_an_input_defined_outside_the_registry_is_refused():
 def test_extra_inputs_are_read_from_the_signature():
     assert predictor_class("canny").extra_inputs == ("low_threshold", "high_threshold")
     assert predictor_class("scribble").extra_inputs == ()
+    assert predictor_class("lineart").extra_inputs == ("detect_resolution", "lineart_preprocessor")
+    assert predictor_class("softedge").extra_inputs == ("detect_resolution", "softedge_preprocessor")
+    assert predictor_class("inpaint").extra_inputs == ()

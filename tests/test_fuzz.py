@@ -25,7 +25,7 @@ from schemathesis.checks import not_a_server_error
 from tests.conftest import SERVED
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
-CONDITIONS = SERVED  # FUZZ_CONDITIONS, or every condition
+CONDITIONS = SERVED  # FUZZ_CONDITIONS, or every condition the suite serves together
 URL_FIELDS = ("image", "input_image", "lora_url", "embedding_url")
 
 

@@ -1,6 +1,7 @@
 """The real Cog HTTP server (`python -m cog.server.http`, the image's entry point), one per condition."""
 
 import base64
+import time
 
 import pytest
 import requests
@@ -233,3 +234,63 @@ def test_a_lora_by_data_uri_through_the_server(servers):
     assert styled["output"][1] != plain["output"][1] and styled["output"][0] == plain["output"][0]
     bad = servers["canny"].predict({"image": image, **GOOD, "lora_url": data_uri(b"not safetensors")}).json()
     assert bad["status"] == "failed" and "not a .safetensors file" in bad["error"]
+
+
+def served_schema(condition):
+    """The schema Cog serves for a condition, built in this process by Cog's own app factory."""
+    from cog.config import Config
+    from cog.server.http import create_app
+
+    config = Config({"predict": f"predictors/{condition}/predict.py:Predictor", "build": {"gpu": True}})
+    return create_app(cog_config=config, shutdown_event=None, is_build=True).openapi()
+
+
+def holed_png() -> bytes:
+    rgba = drawing(mode="RGBA")
+    rgba.paste((0, 0, 0, 0), (100, 60, 260, 200))  # transparent: the pixels inpaint repaints
+    return png_bytes(rgba)
+
+
+# condition -> (a request of its own, an input its schema refuses)
+CONTROLNET_11 = {
+    "lineart": ({"detect_resolution": 128, "lineart_preprocessor": "coarse"}, {"lineart_preprocessor": "anime"}),
+    "softedge": ({"detect_resolution": 128, "softedge_preprocessor": "hed_safe"}, {"softedge_preprocessor": "canny"}),
+    "shuffle": ({}, {"num_samples": "2"}),
+    "tile": ({}, {"image_resolution": "1024"}),
+    "ip2p": ({"prompt": "make it winter"}, {"ddim_steps": 0}),
+    "inpaint": ({"image": data_uri(holed_png())}, {"scale": 31}),
+}
+
+
+def test_each_controlnet_11_image_serves_through_its_own_server(tmp_path):
+    """One server at a time (conftest.ONE_AT_A_TIME), each stopped before the next starts."""
+    from scripts.cog_server import CogServer
+    from tests.conftest import ONE_AT_A_TIME
+
+    assert sorted(CONTROLNET_11) == sorted(ONE_AT_A_TIME)
+    reference = served_schema("canny")["components"]["schemas"]["Input"]["properties"]
+    for condition, (own, refused) in CONTROLNET_11.items():
+        start = time.monotonic()
+        with CogServer(condition, log_path=tmp_path / f"{condition}.log") as server:
+            print(f"{condition}: READY after {time.monotonic() - start:.0f}s", flush=True)
+            assert "TINY RANDOM-WEIGHT" in server.log(), condition
+            schema, inputs = schema_inputs(server)
+            props = inputs["properties"]
+            assert list(props) == [*JAGILLEY_INPUTS, *predictor_class(condition).extra_inputs, *CONTROLS]
+            for name in [*JAGILLEY_INPUTS, *CONTROLS]:
+                assert same_but_order(props[name], reference[name]), (condition, name)
+            response = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD, **own})
+            body = response.json()
+            assert body["status"] == "succeeded", (condition, body.get("error"))
+            images = [decode(uri) for uri in body["output"]]
+            assert [img.size for img in images] == [(320, 256), (320, 256)], condition
+            assert images[0].mode == ("RGBA" if condition == "inpaint" else "RGB")
+            assert server.predict({"image": data_uri(png_bytes(drawing())), "prompt": "x"} | refused).status_code == 422
+            if condition == "inpaint":  # an opaque upload: what it needs, and the server keeps serving
+                body = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD}).json()
+                assert body["status"] == "failed" and "inpaint needs a mask" in body["error"]
+            if condition == "lineart":  # a photo sent as a map is refused as on the other images
+                body = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD, "control_image_is_map": True}).json()
+                assert body["status"] == "failed" and "control_image_is_map is on" in body["error"]
+            assert requests.get(f"{server.url}/health-check", timeout=10).json()["status"] == "READY"
+        print(f"{condition}: done after {time.monotonic() - start:.0f}s", flush=True)

@@ -23,6 +23,9 @@ def test_manifest_pins_every_component_and_conditions_use_known_ones():
             continue
         assert re.fullmatch(r"[0-9a-f]{40}", spec["revision"]), f"{name} is not pinned to a commit"
         assert spec["files"], f"{name} downloads nothing"
+        assert spec.get("license"), f"{name} names no licence"
+        assert set(spec.get("sha256", {})) <= set(spec["files"]), f"{name} has a digest for a file it does not fetch"
+        assert all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in spec.get("sha256", {}).values())
     for condition in weights.CONDITIONS:
         roles = weights.components(condition)
         assert {"base", "controlnet"} <= set(roles)
@@ -64,15 +67,34 @@ def test_a_download_of_another_revision_or_an_unfinished_one_does_not_count(tmp_
 
 def test_unknown_condition_lists_the_known_ones():
     with pytest.raises(ValueError, match="canny"):
-        weights.components("lineart")
+        weights.components("lineart_anime")
 
 
-def test_download_fails_fast_offline_and_names_what_it_tried(tmp_path):
+def test_every_controlnet_11_image_carries_its_1_1_model():
+    expected = {
+        "lineart": "lllyasviel/control_v11p_sd15_lineart", "softedge": "lllyasviel/control_v11p_sd15_softedge",
+        "shuffle": "lllyasviel/control_v11e_sd15_shuffle", "tile": "lllyasviel/control_v11f1e_sd15_tile",
+        "ip2p": "lllyasviel/control_v11e_sd15_ip2p", "inpaint": "lllyasviel/control_v11p_sd15_inpaint",
+    }
+    for condition, repo in expected.items():
+        assert weights.MANIFEST["components"][weights.components(condition)["controlnet"]]["repo"] == repo
+    detector_files = {
+        name: weights.MANIFEST["components"][roles["detector"]]["files"]
+        for name, roles in ((c, weights.components(c)) for c in expected) if "detector" in roles
+    }
+    # controlnet_aux's file names: LineartDetector and PidiNetDetector/HEDdetector.from_pretrained defaults
+    assert detector_files == {"lineart": ["sk_model.pth", "sk_model2.pth"],
+                              "softedge": ["ControlNetHED.pth", "table5_pidinet.pth"]}
+
+
+@pytest.mark.parametrize("condition", ["canny", "lineart"])
+def test_download_fails_fast_offline_and_names_what_it_tried(tmp_path, condition):
     env = {**os.environ, "CONTROLNET_WEIGHTS_DIR": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}
     env.pop("HF_HUB_OFFLINE")
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "weights.download", "canny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "weights.download", condition], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert time.monotonic() - start < 60
@@ -133,3 +155,37 @@ def test_download_refuses_a_revision_missing_a_listed_file(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="diffusion_pytorch_model.safetensors"):
         download.download_component("sd-controlnet-canny", tmp_path / "c")
     assert weights.marker(tmp_path / "c") is None
+
+
+def test_download_refuses_a_file_whose_sha256_differs_from_the_manifests(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import weights.download as download
+
+    name = "annotators-lineart"
+    spec = weights.MANIFEST["components"][name]
+    assert set(spec["sha256"]) == set(spec["files"])
+    monkeypatch.setattr(download, "check_reachable", lambda url, what: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot(spec["files"]))  # other bytes
+    with pytest.raises(SystemExit, match="sk_model.pth, sk_model2.pth .*do not have the manifest's sha256"):
+        download.download_component(name, tmp_path / name)
+    assert weights.marker(tmp_path / name) is None
+
+
+def test_download_accepts_files_with_the_manifests_sha256(tmp_path, monkeypatch):
+    import hashlib
+
+    import huggingface_hub
+
+    import weights.download as download
+
+    name = "annotators-lineart"
+    files = weights.MANIFEST["components"][name]["files"]
+    fake = fake_snapshot(files)
+    monkeypatch.setattr(download, "check_reachable", lambda url, what: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    contents = {rel: f"lllyasviel/Annotators@{weights.revision(name)}".encode() for rel in files}
+    digests = {rel: hashlib.sha256(data).hexdigest() for rel, data in contents.items()}
+    monkeypatch.setitem(weights.MANIFEST["components"][name], "sha256", digests)
+    download.download_component(name, tmp_path / name)
+    assert weights.is_complete(tmp_path / name, name, tiny=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import socket
 import sys
 import urllib.parse
@@ -64,8 +65,23 @@ def download_component(name: str, dest: Path) -> None:
     unmatched = [pat for pat in spec["files"] if not fnmatch.filter(got, pat)]
     if unmatched:
         sys.exit(f"{name}: {what} has no file matching {unmatched}; the manifest is wrong for this revision.")
+    check_digests(name, what, dest, spec.get("sha256", {}))
     weights.write_marker(dest, repo=spec["repo"], revision=spec["revision"], files=spec["files"])
     print(f"{name}: complete", flush=True)
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_digests(name: str, what: str, dest: Path, expected: dict[str, str]) -> None:
+    """A file whose digest the manifest knows must have it: a mirror (HF_ENDPOINT) or a cache could serve
+    other bytes under the same name. The folder then gets no completion marker, so nothing serves it."""
+    wrong = [rel for rel, digest in expected.items() if sha256(dest / rel) != digest]
+    if wrong:
+        sys.exit(f"{name}: {', '.join(wrong)} from {what} do not have the manifest's sha256; delete {dest} and retry "
+                 "(check HF_ENDPOINT if you use a mirror).")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -143,12 +143,14 @@ def write_base(folder: Path, name: str) -> None:
 def write_controlnet(folder: Path, name: str) -> None:
     from diffusers import ControlNetModel
 
+    spec = weights.MANIFEST["components"][name]
     torch.manual_seed(SEED + 1)
     controlnet = ControlNetModel(
         block_out_channels=BLOCKS, layers_per_block=1, in_channels=4, down_block_types=DOWN,
         cross_attention_dim=TEXT_DIM, norm_num_groups=8, attention_head_dim=8,
         # three stride-2 convolutions: pixels -> latents, /8 like the VAE
         conditioning_embedding_out_channels=(8, 16, 16, 32),
+        **spec.get("tiny_config", {}),
     )
     # A new ControlNet starts with zero convolutions, which makes it a no-op, and its default init
     # shrinks the control image to nothing by the end of the conditioning path. Trained ones do
@@ -160,7 +162,13 @@ def write_controlnet(folder: Path, name: str) -> None:
                 conv.bias.zero_()
         for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             conv.weight.normal_(0.0, 1.0)
-    controlnet.save_pretrained(folder)
+    # The real download's file names and dtype (1.0's fp32 safetensors, 1.1's fp16 variant, tile's .bin),
+    # so the loader reads the same layout it will serve.
+    files = spec["files"]
+    if "diffusion_pytorch_model.fp16.safetensors" in files:
+        controlnet.to(torch.float16).save_pretrained(folder, variant="fp16")
+    else:
+        controlnet.save_pretrained(folder, safe_serialization="diffusion_pytorch_model.bin" not in files)
 
 
 def write_untrained_controlnet(folder: Path, name: str) -> None:

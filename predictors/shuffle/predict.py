@@ -1,0 +1,42 @@
+"""The controlnet-shuffle image. ControlNet 1.1's shuffle: recomposes the upload's content, style and colours."""
+
+from typing import List, Optional
+
+from cog import Path
+
+from cog_base import ControlNetPredictor, Inputs
+
+
+class Predictor(ControlNetPredictor):
+    condition = "shuffle"
+    detector = "models.detectors.shuffle:ShuffleDetector"
+    detect_at_resolution = False  # the 1.1 demo shuffled at the sample size
+
+    def predict(
+        self,
+        image: Path = Inputs.image,
+        prompt: str = Inputs.prompt,
+        num_samples: str = Inputs.num_samples,
+        image_resolution: str = Inputs.image_resolution,
+        ddim_steps: int = Inputs.ddim_steps,
+        scale: float = Inputs.scale,
+        seed: Optional[int] = Inputs.seed,
+        eta: float = Inputs.eta,
+        a_prompt: str = Inputs.a_prompt,
+        n_prompt: str = Inputs.n_prompt,
+        controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
+        guess_mode: bool = Inputs.guess_mode,
+        control_guidance_start: float = Inputs.control_guidance_start,
+        control_guidance_end: float = Inputs.control_guidance_end,
+        scheduler: str = Inputs.scheduler,
+        control_image_is_map: bool = Inputs.control_image_is_map,
+        return_control_map: bool = Inputs.return_control_map,
+        preprocess_only: bool = Inputs.preprocess_only,
+        width: int = Inputs.width,
+        height: int = Inputs.height,
+        lora_url: str = Inputs.lora_url,
+        lora_scale: float = Inputs.lora_scale,
+        embedding_url: str = Inputs.embedding_url,
+        embedding_token: str = Inputs.embedding_token,
+    ) -> List[Path]:
+        return self.predict_with(locals())
