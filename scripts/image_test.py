@@ -36,6 +36,7 @@ from pathlib import Path
 
 from scripts.build_image import DEPS_END
 from scripts.cog_config import ROOT, field
+from scripts.serve import port_number, port_problem, require_port
 
 CACHE = Path(os.environ.get("CONTROLNET_COG_CACHE", Path.home() / ".cache" / "controlnet-cog")) / "image-test"
 WHEEL_PORT = 47311  # fixed: the pip layer's cache key includes the URL, so a random port would rebuild it
@@ -233,8 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("condition")
     parser.add_argument("--purge", action="store_true", help="also remove the cached base and dependency images")
+    parser.add_argument("--port", type=port_number, default=None, help="publish the container on 127.0.0.1:PORT (default: a free port)")
     args = parser.parse_args(argv)
     cond = args.condition
+    if args.port:
+        require_port(args.port, who="make image-test")
+    if port_problem(WHEEL_PORT):
+        raise SystemExit(f"make image-test: the wheelhouse's port {WHEEL_PORT} on 127.0.0.1 is in use (an image-test "
+                         "already running?); it is fixed because the pip layer's cache key holds the URL")
     tag, container = f"controlnet-{cond}-smoke", f"controlnet-{cond}-image-test"
     context = ROOT / "build" / f"image-test-{cond}"
     figures: dict[str, object] = {"condition": cond}
@@ -259,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         figures["image_gb"] = round(int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", tag],
                                                        capture_output=True, text=True, check=True).stdout) / 1e9, 2)
         log(f"built {tag} via {figures['path']} in {figures['build_s']} s, {figures['image_gb']} GB")
-        port = free_port()
+        port = args.port or free_port()
         run("docker", "run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:5000", tag, stdout=subprocess.DEVNULL)
         figures["ready_s"] = round(wait_ready(port, container), 1)
         log(f"READY after {figures['ready_s']} s")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import requests
 
+from scripts.serve import port_number, require_port
+
 PAGE = Path(__file__).with_name("playground.html")
 RELAYED = ("/openapi.json", "/health-check")
 KEPT = 16  # predictions whose latest state is kept for the page to poll
@@ -134,14 +136,18 @@ class Playground:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cond", default="canny")
-    parser.add_argument("--port", type=int, default=7860, help="the page's port (Cog gets a free one)")
+    parser.add_argument("--port", type=port_number, default=7860, help="the page's port (PLAYGROUND_PORT)")
+    parser.add_argument("--cog-port", type=port_number, default=None, help="the Cog server's port (PORT; default: a free one)")
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")
     args = parser.parse_args()
+    require_port(args.port, who="make playground", variable="PLAYGROUND_PORT")
+    if args.cog_port:
+        require_port(args.cog_port, who="make playground")
 
     from scripts.cog_server import CogServer
 
     print(f"Starting the Cog server for {args.cond} (tiny weights when the real ones are absent)...", flush=True)
-    with CogServer(args.cond) as server, Playground(server.url, args.port) as page:
+    with CogServer(args.cond, port=args.cog_port) as server, Playground(server.url, args.port) as page:
         print(f"Cog server: {server.url} (log: {server.log_path})")
         print(f"Playground: {page.url}   Ctrl-C stops both.", flush=True)
         if args.open:
