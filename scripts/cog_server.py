@@ -63,7 +63,11 @@ class CogServer:
 
     def start(self, timeout: float = 300) -> None:
         self.launch()
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # Ctrl-C or SIGTERM while it sets up: `with` calls no __exit__ then
+            self.stop()
+            raise
 
     def launch(self) -> None:
         """Start the process without waiting, so several servers can set up at once."""
