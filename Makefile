@@ -34,7 +34,7 @@ help:
 		"make serve COND=custom WEIGHTS=x.tar" "serve a trained ControlNet (MODE=train: serve /trainings instead)" \
 		"make image COND=canny" "build the controlnet-canny image (cog build, or docker build without cog)" \
 		"make image-test COND=canny [KEEP=1]" "build a tiny-weights image, run it, predict, stop, clean up (KEEP=1 keeps the image)" \
-		"make deploy COND=canny REF=img:tag" "Knative / KServe / Kubernetes manifests into build/deploy/canny/" \
+		"make deploy COND=canny REF=img:tag" "Knative / KServe / Kubernetes manifests into build/deploy/canny/ (ARGS='--toleration nvidia.com/gpu:NoSchedule')" \
 		"make bench [BENCH_ARGS=...]" "benchmark, full-size random-weight models (GPU; docs/benchmarks.md)" \
 		"make bench-smoke" "the same harness, tiny models on CPU (CI)" \
 		"make bench-weights" "write the full-size random-weight models the benchmark loads" \
@@ -88,7 +88,7 @@ image-test: tiny-weights
 	$(PY) -m scripts.image_test $(COND) $(SERVER_PORT) $(if $(KEEP),--keep)
 
 deploy: install
-	$(PY) -m scripts.deploy_manifests $(COND) $(if $(REF),--image $(REF))
+	$(PY) -m scripts.deploy_manifests $(COND) $(if $(REF),--image $(REF)) $(ARGS)
 
 N ?= 1000
 soak: tiny-weights
