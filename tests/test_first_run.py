@@ -136,6 +136,45 @@ def test_readme_curl_example_runs_as_written(canny):
     assert [n for n in NOISE if n in canny.log()] == []
 
 
+def test_make_predict_shows_progress_while_it_runs_and_a_busy_server_in_one_line(canny, tmp_path):
+    from scripts.quickstart import sample_image
+
+    image = sample_image(tmp_path / "house.png")
+    command = [sys.executable, "-m", "scripts.predict", "--url", canny.url, "--image", str(image), "--prompt", "a house",
+               "--out", str(tmp_path / "out"), "-i", "image_resolution=256"]
+    running = subprocess.Popen([*command, "-i", "ddim_steps=20"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in running.stdout:
+            lines.append(line)
+            if re.match(r"step \d+/20", line):
+                break
+        # A step line is on the terminal while the prediction is still running.
+        assert canny.health() == "BUSY", lines
+        busy = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1 and busy.stdout == ""
+        assert busy.stderr.strip().count("\n") == 0 and "busy" in busy.stderr and "409" in busy.stderr, busy.stderr
+        rest, _ = running.communicate(timeout=600)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert running.returncode == 0, "".join(lines) + rest
+    printed = "".join(lines) + rest
+    steps = re.findall(r"^step (\d+)/20", printed, re.M)
+    assert steps and len(steps) == len(set(steps))  # each line once, although every webhook carries all of them
+    assert printed.count("Using seed:") == 1
+    assert sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "out").glob("*.png")) == ["1.png", "control.png"]
+
+
+def test_server_start_up_says_ready_once_and_nothing_that_reads_as_an_error(canny):
+    deadline = time.monotonic() + 30
+    while f"READY on {canny.url}" not in canny.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = canny.log()
+    assert log.count(f"READY on {canny.url}") == 1, log[-3000:]
+    assert "fast loader failed" not in log and "Loading weights" not in log, log[-3000:]
+
+
 def find_chromium() -> str | None:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
         if name and shutil.which(name):
