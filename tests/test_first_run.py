@@ -27,6 +27,47 @@ def test_make_help_lists_every_target():
     assert targets - listed == set(), f"targets missing from `make help`: {sorted(targets - listed)}"
 
 
+def test_make_help_is_aligned_and_names_its_variables():
+    help_text = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    rows = [line for line in help_text.splitlines() if line.startswith("make ")]
+    columns = {re.match(r"make .*?\S  +(?=\S)", row).end() for row in rows}
+    assert len(columns) == 1, rows  # every description starts in the same column
+    for variable in ("PORT", "PLAYGROUND_PORT", "KEEP", "COND"):
+        assert re.search(rf"^  {variable} ", help_text, re.M), variable
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("quickstart", "--port 6123"), ("playground", "--cog-port 6123"), ("train PAIRS=x.zip", "--port 6123"),
+    ("soak", "--port 6123"), ("fuzz", "FUZZ_PORT=6123"), ("image-test", "--port 6123"), ("serve", "--port 6123"),
+    ("predict IMAGE=x.png", "--port 6123"),
+])
+def test_every_target_that_starts_a_server_takes_port(target, expected):
+    dry = subprocess.run(["make", "-n", *target.split(), "PORT=6123"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert expected in dry.stdout.splitlines()[-1]
+    if target not in ("serve", "predict IMAGE=x.png"):  # those two default to 5000; the others to a free port
+        plain = subprocess.run(["make", "-n", *target.split()], cwd=ROOT, capture_output=True, text=True, check=True,
+                               env={k: v for k, v in os.environ.items() if k != "PORT"})
+        assert expected.split()[0].split("=")[0] + ("" if "=" in expected else " ") not in plain.stdout.splitlines()[-1]
+
+
+def test_a_busy_or_impossible_port_is_one_line_before_anything_starts():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for module in ("scripts.serve canny", "scripts.quickstart --port", "scripts.soak --port"):
+            done = subprocess.run([sys.executable, "-m", *module.split(), *(["--port"] if module.endswith("canny") else []),
+                                   str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+            assert done.stderr.strip().splitlines() == [done.stderr.strip()] and f"port {port}" in done.stderr
+            assert "TINY" not in done.stdout  # refused before the server's banner
+    done = subprocess.run([sys.executable, "-m", "scripts.serve", "canny", "--port", "99999"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "not a port" in done.stderr
+
+
 # --- quiet output -------------------------------------------------------------------------------
 
 NOISE = ("mediapipe", "Overwriting tiny_vit", "timm.models.layers is deprecated", "timm.models.registry",
