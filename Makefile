@@ -1,6 +1,10 @@
 # controlnet-cog: one Cog image per ControlNet condition. `make help` lists the targets.
 COND ?= canny
 PORT ?= 5000
+# Targets that start their own Cog server take PORT only when it is given (else a free port, so that they
+# never collide with a `make serve` on 5000).
+SERVER_PORT = $(if $(filter command line environment,$(origin PORT)),--port $(PORT))
+KEEP ?=
 PLAYGROUND_PORT ?= 7860
 IMAGE ?=
 PROMPT ?= a cozy cottage with a red roof, photorealistic, golden hour
@@ -14,34 +18,41 @@ PY := .venv/bin/python
 .PHONY: help quickstart test install tiny-weights weights serve predict train image image-test deploy clean playground sample-image soak fuzz stop-trials bench bench-smoke
 
 help:
-	@echo "make quickstart [COND=canny]        install, start the Cog server, one prediction into outputs/, stop"
-	@echo "make test                           the test suite (offline, CPU, tiny weights)"
-	@echo "make weights COND=canny             download the real weights (needs internet)"
-	@echo "make tiny-weights                   write tiny random-weight models (offline, for tests)"
-	@echo "make serve COND=canny PORT=5000     Cog's HTTP server on 127.0.0.1:PORT"
-	@echo "make predict IMAGE=x.png PROMPT=..  send one prediction to the running server (ARGS='-i seed=42 -i num_samples=4')"
-	@echo "make train PAIRS=pairs.zip          train the custom ControlNet (ARGS='-i max_train_steps=500'); weights -> outputs/"
-	@echo "make serve COND=custom WEIGHTS=x.tar serve a trained ControlNet (MODE=train: serve /trainings instead)"
-	@echo "make bench [BENCH_ARGS=...]         benchmark, full-size random-weight models (GPU; docs/benchmarks.md)"
-	@echo "make bench-smoke                    the same harness, tiny models on CPU (CI)"
-	@echo "make bench-weights                  write the full-size random-weight models the benchmark loads"
-	@echo "make test-compile                   the fast path's torch.compile test (slow on CPU; skipped by make test)"
-	@echo "make gpu-bundle                     the wheels the lent GPU machine lacks -> .gpu-bundle/ (carried there; docs/benchmarks.md)"
-	@echo "make gpu-rehearsal                  bench/device.sh end to end on CPU, tiny, on the GPU machine's package versions (CI)"
-	@echo "make image COND=canny               build the controlnet-canny image (cog build, or docker build without cog)"
-	@echo "make image-test COND=canny          build a tiny-weights image, run it, predict, stop, clean up (~2-8 min)"
-	@echo "make deploy COND=canny REF=img:tag Knative / Kubernetes manifests into build/deploy/canny/"
-	@echo "make soak [N=1000] [COND=canny]     N sequential predictions: failures, worker memory, temp files left"
-	@echo "make playground [COND=canny]        the Cog server + a page to try it in a browser: http://127.0.0.1:7860"
-	@echo "make sample-image                   the quickstart's drawing -> outputs/sample-input.png (for the curl example)"
-	@echo "make install                        the pinned virtualenv (cached in ~/.cache/controlnet-cog; .venv links to it)"
-	@echo "make clean                          remove build/, outputs/ and .pytest_cache (not the venv, not the weights)"
-	@echo "make help                           this list"
-	@echo "make fuzz [COND=canny] [EXAMPLES=500]  schema-driven fuzzing of COND's server only (COND=a,b for several); prints the requests sent"
-	@echo "make stop-trials [TRIALS=10]       stop servers by signal (group/server, idle/busy/starting) TRIALS times each"
+	@printf '%-38s %s\n' \
+		"make quickstart [COND=canny]" "install, start the Cog server, one prediction on a drawing into outputs/, stop" \
+		"make test" "the test suite (offline, CPU, tiny weights)" \
+		"make weights COND=canny" "download the real weights (needs internet)" \
+		"make tiny-weights" "write tiny random-weight models (offline, for tests)" \
+		"make playground [COND=canny]" "the Cog server + a page to try it: http://127.0.0.1:PLAYGROUND_PORT (7860)" \
+		"make serve [COND=canny] [PORT=5000]" "Cog's HTTP server on 127.0.0.1:PORT; prints READY on http://... when ready" \
+		"make predict IMAGE=x.png PROMPT=..." "one prediction to the server on PORT, progress live (ARGS='-i seed=42 -i num_samples=4')" \
+		"make sample-image" "the quickstart's drawing -> outputs/sample-input.png (for the curl example)" \
+		"make fuzz [COND=canny] [EXAMPLES=500]" "schema-driven fuzzing of COND's server only (COND=a,b for several); prints the requests sent" \
+		"make stop-trials [TRIALS=10]" "stop servers by signal (group/server, idle/busy/starting) TRIALS times each" \
+		"make soak [N=1000] [COND=canny]" "N sequential predictions: failures, worker memory, temp files left" \
+		"make train PAIRS=pairs.zip" "train the custom ControlNet (ARGS='-i max_train_steps=500'); weights -> outputs/" \
+		"make serve COND=custom WEIGHTS=x.tar" "serve a trained ControlNet (MODE=train: serve /trainings instead)" \
+		"make image COND=canny" "build the controlnet-canny image (cog build, or docker build without cog)" \
+		"make image-test COND=canny [KEEP=1]" "build a tiny-weights image, run it, predict, stop, clean up (KEEP=1 keeps the image)" \
+		"make deploy COND=canny REF=img:tag" "Knative / KServe / Kubernetes manifests into build/deploy/canny/ (ARGS='--toleration nvidia.com/gpu:NoSchedule')" \
+		"make bench [BENCH_ARGS=...]" "benchmark, full-size random-weight models (GPU; docs/benchmarks.md)" \
+		"make bench-smoke" "the same harness, tiny models on CPU (CI)" \
+		"make bench-weights" "write the full-size random-weight models the benchmark loads" \
+		"make test-compile" "the fast path's torch.compile test (slow on CPU; skipped by make test)" \
+		"make gpu-bundle" "the wheels the lent GPU machine lacks -> .gpu-bundle/ (carried there; docs/benchmarks.md)" \
+		"make gpu-rehearsal" "bench/device.sh end to end on CPU, tiny, on the GPU machine's package versions (CI)" \
+		"make install" "the pinned virtualenv (cached in ~/.cache/controlnet-cog; .venv links to it)" \
+		"make clean" "remove build/, outputs/ and .pytest_cache (not the venv, not the weights)" \
+		"make help" "this list"
+	@printf '\nVariables:\n'
+	@printf '  %-16s %s\n' \
+		"COND" "the condition (default canny)" \
+		"PORT" "the Cog server's port: 5000 for serve and predict; the other targets that start a server use it when given" \
+		"PLAYGROUND_PORT" "the playground page's port (7860)" \
+		"KEEP" "KEEP=1: make image-test keeps the image it built and prints how to run it"
 
 quickstart: tiny-weights
-	$(PY) -m scripts.quickstart --cond $(COND)
+	$(PY) -m scripts.quickstart --cond $(COND) $(SERVER_PORT)
 
 test: tiny-weights
 	$(PY) -m pytest
@@ -59,7 +70,7 @@ serve: tiny-weights
 	$(PY) -m scripts.serve $(COND) --port $(PORT) --mode $(MODE) --weights "$(WEIGHTS)"
 
 playground: tiny-weights
-	$(PY) -m scripts.playground --cond $(COND) --port $(PLAYGROUND_PORT)
+	$(PY) -m scripts.playground --cond $(COND) --port $(PLAYGROUND_PORT) $(if $(SERVER_PORT),--cog-port $(PORT))
 
 sample-image: install
 	$(PY) -m scripts.quickstart --sample-only
@@ -68,7 +79,7 @@ predict: install
 	$(PY) -m scripts.predict --port $(PORT) --name $(COND) --image "$(IMAGE)" --prompt "$(PROMPT)" $(ARGS)
 
 train: tiny-weights
-	$(PY) -m scripts.train --pairs "$(PAIRS)" $(ARGS)
+	$(PY) -m scripts.train --pairs "$(PAIRS)" $(SERVER_PORT) $(ARGS)
 
 # Stdlib only: building an image needs no virtualenv here.
 image:
@@ -76,18 +87,18 @@ image:
 
 # A real container from the staged context with tiny weights; needs root (installs docker.io, debootstrap).
 image-test: tiny-weights
-	$(PY) -m scripts.image_test $(COND)
+	$(PY) -m scripts.image_test $(COND) $(SERVER_PORT) $(if $(KEEP),--keep)
 
 deploy: install
-	$(PY) -m scripts.deploy_manifests $(COND) $(if $(REF),--image $(REF))
+	$(PY) -m scripts.deploy_manifests $(COND) $(if $(REF),--image $(REF)) $(ARGS)
 
 N ?= 1000
 soak: tiny-weights
-	$(PY) -m scripts.soak -n $(N) --cond $(COND)
+	$(PY) -m scripts.soak -n $(N) --cond $(COND) $(SERVER_PORT)
 
 EXAMPLES ?= 500
 fuzz: tiny-weights
-	FUZZ_EXAMPLES=$(EXAMPLES) FUZZ_CONDITIONS=$(COND) $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
+	FUZZ_EXAMPLES=$(EXAMPLES) FUZZ_CONDITIONS=$(COND) $(if $(SERVER_PORT),FUZZ_PORT=$(PORT)) $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
 
 TRIALS ?= 10
 stop-trials: tiny-weights

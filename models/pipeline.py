@@ -26,7 +26,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from models import default_device
+from models import default_device, quiet
 from models.image import resize_map, resize_to, target_size
 
 
@@ -121,6 +121,7 @@ def load_pipeline(
     device = device or default_device()
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base_dir, controlnet_dir = Path(base_dir), Path(controlnet_dir)
+    quiet.no_weight_loading_bar()
 
     def load(cls, folder: Path, **kwargs):
         return cls.from_pretrained(

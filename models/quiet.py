@@ -41,6 +41,18 @@ class DropMessages(logging.Filter):
         return not any(p.search(message) for p in self.patterns)
 
 
+def no_weight_loading_bar() -> None:
+    """transformers 5 draws a tqdm "Loading weights" bar for every model it loads (the text encoder, seg's
+    UperNet): two lines in every server's start-up that say nothing the setup line does not. Called
+    by the loaders, which import transformers anyway; any other bar of transformers still shows."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory, args, kwargs):
+        return factory(*args, **({**kwargs, "disable": True} if kwargs.get("desc") == "Loading weights" else kwargs))
+
+    hf_logging.set_tqdm_hook(hook)
+
+
 def install() -> None:
     for message, module, category in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)

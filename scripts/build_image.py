@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from scripts.cog_config import MIN_COG_CLI, ROOT, cog_yaml, field, pinned_sdk, version_tuple
+from scripts.cog_config import MIN_COG_CLI, ROOT, cog_yaml, field, loader_env, pinned_sdk, version_tuple
 
 # Never in an image: caches and bookkeeping of the hub client and of Python, half-written files.
 EXCLUDED = (".cache", "*.incomplete", "__pycache__", "*.pyc", ".DS_Store")
@@ -54,6 +55,112 @@ def _put(src: Path, dst: Path, link: bool = False, skip: tuple[str, ...] = ()) -
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*EXCLUDED, *skip), copy_function=copy)
     else:
         copy(str(src), str(dst))
+
+
+# What `cog build` labels an image with (replicate/cog pkg/image/build.go, read at v0.22.0 / main of
+# 2026-08): run.cog.version, run.cog.config (the Cog config as JSON, the Go struct's field order),
+# run.cog.openapi_schema, run.cog.pip_freeze, run.cog.has_init, and org.opencontainers.image.revision /
+# .version from git. `cog predict IMAGE` and Replicate's tooling read run.cog.config (an image
+# without it "does not appear to be a Cog model") and run.cog.openapi_schema.
+GO_BUILD_KEYS = ("gpu", "python_version", "python_requirements", "python_packages", "run", "system_packages",
+                 "pre_install", "cuda", "cudnn", "sdk_version")
+GO_TOP_KEYS = ("build", "image", "model", "predict", "train", "concurrency", "environment", "weights")
+SCALAR_KEYS = {"gpu", "python_version", "python_requirements", "cuda", "cudnn", "sdk_version", "image", "model",
+               "predict", "train"}
+# SPDX identifiers of what an image carries: the code, and each weights component (README, "Licences").
+CODE_LICENCE = "Apache-2.0"
+WEIGHT_LICENCES = {
+    "stable-diffusion-v1-5": "CreativeML-OpenRAIL-M", "controlnet-untrained": "CreativeML-OpenRAIL-M",
+    "annotators-hed": "Apache-2.0", "annotators-mlsd": "Apache-2.0", "annotators-midas": "MIT",
+    "upernet-convnext-small": "MIT", "annotators-openpose": "LicenseRef-CMU-OpenPose-NonCommercial",
+}
+
+
+def cog_config_json(condition: str) -> str:
+    """The condition's cog.yaml as `cog build` writes it into run.cog.config (Go's json.Marshal of its
+    Config: declared field order, empty fields left out, compact). Standard library only, so it reads
+    the scalar fields these configs use and refuses anything else rather than leave it out."""
+    config: dict = {}
+    section = None
+    for line in cog_yaml(condition).read_text().splitlines():
+        match = re.match(r"^(\s*)([a-z_]+):\s*(.*?)\s*$", line.split(" #")[0])
+        if not match or line.lstrip().startswith("#"):
+            continue
+        indent, key, value = match.groups()
+        if not indent and not value:
+            section = config.setdefault(key, {})
+            continue
+        if key not in SCALAR_KEYS or (indent and section is None):
+            raise SystemExit(f"{cog_yaml(condition)}: {key}: not a field scripts/build_image.py can label yet")
+        value = value.strip('"')
+        (section if indent else config)[key] = value == "true" if key == "gpu" else value
+    build = {k: config["build"][k] for k in GO_BUILD_KEYS if config.get("build", {}).get(k) not in (None, "", False)}
+    ordered = {"build": build, **{k: config[k] for k in GO_TOP_KEYS[1:] if config.get(k)}}
+    return json.dumps(ordered, separators=(",", ":"))
+
+
+def _git(*args: str) -> str:
+    """git's answer, or "" where there is no git or no repository (a copied context)."""
+    if not shutil.which("git"):
+        return ""
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def source_url() -> str:
+    """origin as an https URL (org.opencontainers.image.source), or "" without a remote."""
+    url = _git("remote", "get-url", "origin")
+    match = re.match(r"^git@([^:]+):(.+?)(\.git)?$", url)
+    return f"https://{match.group(1)}/{match.group(2)}" if match else url.removesuffix(".git")
+
+
+def image_labels(condition: str, schema: str, tiny: bool, pip_freeze: str = "") -> dict[str, str]:
+    """cog build's labels (run.cog.*) and the standard OCI ones, for the plain-Docker build.
+
+    run.cog.version is the Cog the image runs, the pinned SDK: there is no CLI in this path (up to
+    0.16 the CLI and the SDK had the same version numbers)."""
+    import weights
+
+    components = weights.components(condition).values()
+    licences = [CODE_LICENCE] + ([] if tiny else [WEIGHT_LICENCES.get(c, "CreativeML-OpenRAIL-M") for c in components])
+    labels = {
+        "run.cog.version": field(condition, "sdk_version"),
+        "run.cog.config": cog_config_json(condition),
+        "run.cog.openapi_schema": schema,
+        "run.cog.has_init": "true",  # tini is the entrypoint
+        "org.opencontainers.image.title": f"controlnet-{condition}",
+        "org.opencontainers.image.description": f"Stable Diffusion 1.5 + ControlNet {condition}, served by Cog"
+        + (" (tiny random weights: a smoke-test image)" if tiny else ""),
+        "org.opencontainers.image.licenses": " AND ".join(dict.fromkeys(licences)),
+    }
+    if pip_freeze:
+        labels["run.cog.pip_freeze"] = pip_freeze
+    for key, value in (("source", source_url()), ("revision", _git("rev-parse", "HEAD")),
+                       ("version", _git("describe", "--tags", "--exact-match"))):
+        if value:
+            labels[f"org.opencontainers.image.{key}"] = value
+    return labels
+
+
+def in_image(tag: str, *command: str) -> str:
+    done = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", command[0], tag, *command[1:]],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"make image: `{' '.join(command)}` failed in {tag}:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def label_image(tag: str, condition: str, tiny: bool, env: dict | None = None) -> dict[str, str]:
+    """Add cog build's labels to a built image, as cog does: the schema and the pip freeze come from
+    the image itself (Cog's own generator, run where the predictor runs), then a build FROM it adds
+    them (labels as arguments: no quoting of JSON inside a Dockerfile)."""
+    schema = json.loads(in_image(tag, "python", "-m", "cog.command.openapi_schema"))
+    freeze = in_image(tag, "python", "-m", "pip", "freeze", "--disable-pip-version-check").strip()
+    labels = image_labels(condition, json.dumps(schema, separators=(",", ":")), tiny, freeze)
+    args = [arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]
+    subprocess.run(["docker", "build", "-q", *args, "-t", tag, "-"], input=f"FROM {tag}\n", text=True, check=True,
+                   env=env, stdout=subprocess.DEVNULL)
+    return labels
 
 
 def dockerfile(condition: str) -> str:
@@ -84,6 +191,7 @@ def dockerfile(condition: str) -> str:
         "WORKDIR /src",
         "EXPOSE 5000",
         f"ENV COG_PREDICT_TYPE_STUB={predict}",
+        *(f'ENV {name}="{code}"' for name, code in loader_env(condition).items()),
         'CMD ["python", "-m", "cog.server.http"]',
         "COPY . /src",
     ]
@@ -200,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         print("make image: no cog CLI, building with plain `docker build` from the generated "
               f"{context / 'Dockerfile'} (same HTTP API; `cog push` to Replicate needs the cog CLI)", flush=True)
         subprocess.run(["docker", "build", *args.docker_arg, "-t", tag, str(context)], check=True)
+        label_image(tag, args.condition, tiny)
+        print(f"make image: labelled {tag} as `cog build` does (run.cog.config, run.cog.openapi_schema, ...)", flush=True)
     print(f"Built {tag}. Run it: docker run --gpus all -p 127.0.0.1:5000:5000 {tag}   (CPU: leave out --gpus all)")
 
 

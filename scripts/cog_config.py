@@ -43,3 +43,24 @@ MIN_COG_CLI = "0.17.0"
 def version_tuple(text: str) -> tuple[int, ...]:
     match = re.search(r"(\d+)\.(\d+)\.(\d+)", text)
     return tuple(int(n) for n in match.groups()) if match else ()
+
+
+def loader_code(ref: str) -> str:
+    """What Cog's HTTP process runs to find a predictor's signature (COG_PREDICT_CODE_STRIP).
+
+    Cog 0.16.12's "fast loader" (cog/code_xforms.py) strips the predictor file down to its imports
+    of `cog`, `typing` and a few others plus the class with emptied methods, so a predictor whose
+    base and Inputs come from `cog_base` fails it ("name 'ControlNetPredictor' is not defined") and
+    Cog logs that, then imports the file anyway. Cog reads this variable before stripping anything;
+    given the import itself, it loads the real class at once. The predictor modules import only cog
+    at module level, so this costs what the fallback cost, without the error line.
+    """
+    path, _, name = ref.partition(":")
+    return f"from {path.removesuffix('.py').replace('/', '.')} import {name}"
+
+
+def loader_env(condition: str) -> dict[str, str]:
+    env = {"COG_PREDICT_CODE_STRIP": loader_code(field(condition, "predict"))}
+    if has_field(condition, "train"):
+        env["COG_TRAIN_CODE_STRIP"] = loader_code(field(condition, "train"))
+    return env

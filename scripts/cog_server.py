@@ -7,12 +7,28 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import requests
 
 from scripts.cog_config import ROOT
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind this process like Ctrl-C does, so every `with CogServer(...)` stops its server.
+
+    The server runs in a session of its own (see launch()), so a signal to this process never reaches
+    it; without a handler SIGTERM ends this process on the spot and leaves the server running,
+    holding its port. Installed once, only over the default action, only from the main thread
+    (Python runs handlers there)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def free_port() -> int:
@@ -47,10 +63,15 @@ class CogServer:
 
     def start(self, timeout: float = 300) -> None:
         self.launch()
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # Ctrl-C or SIGTERM while it sets up: `with` calls no __exit__ then
+            self.stop()
+            raise
 
     def launch(self) -> None:
         """Start the process without waiting, so several servers can set up at once."""
+        exit_on_sigterm()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             # A session of its own, so stop() also reaches the prediction worker it spawns.

@@ -7,9 +7,10 @@ the base image is made here with debootstrap from the machine's Debian mirror, t
 from a wheelhouse downloaded once from PyPI on the host and served to the build on 127.0.0.1. All
 traffic stays on loopback (`--network host` for the build, the container published on 127.0.0.1).
 
-Installs what it needs (Debian's docker.io and debootstrap, as root) and starts dockerd if none
-runs. Removes what it created (the container, the smoke image, the staged context, a dockerd it
-started); keeps, for the next run, under the cache folder the wheelhouse and in Docker the base
+The built image carries `cog build`'s labels (run.cog.config, run.cog.openapi_schema, ...), checked
+against the schema the running container serves. Installs what it needs (Debian's docker.io and
+debootstrap, as root) and starts dockerd if none runs. Removes what it created (the container, the
+smoke image unless --keep / KEEP=1, the staged context, a dockerd it started); keeps, for the next run, under the cache folder the wheelhouse and in Docker the base
 image and the dependency image (`controlnet-cog-deps:<hash>`: the pip layers every condition
 shares). `--purge` removes those too.
 """
@@ -34,8 +35,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from scripts.build_image import DEPS_END
+from scripts.build_image import DEPS_END, label_image
 from scripts.cog_config import ROOT, field
+from scripts.serve import port_number, port_problem, require_port
 
 CACHE = Path(os.environ.get("CONTROLNET_COG_CACHE", Path.home() / ".cache" / "controlnet-cog")) / "image-test"
 WHEEL_PORT = 47311  # fixed: the pip layer's cache key includes the URL, so a random port would rebuild it
@@ -229,12 +231,34 @@ def predict(port: int) -> tuple[float, list]:
     return elapsed, sizes
 
 
+def check_labels(tag: str, port: int) -> None:
+    """What `docker inspect`, `cog predict IMAGE` and Replicate's tooling read: cog build's labels, with
+    the schema the running container serves."""
+    labels = json.loads(subprocess.run(["docker", "image", "inspect", "-f", "{{json .Config.Labels}}", tag],
+                                       capture_output=True, text=True, check=True).stdout)
+    missing = [k for k in ("run.cog.config", "run.cog.version", "run.cog.openapi_schema", "org.opencontainers.image.licenses")
+               if not labels.get(k)]
+    if missing:
+        raise SystemExit(f"image-test: {tag} lacks the labels {', '.join(missing)}")
+    served = http_json(f"http://127.0.0.1:{port}/openapi.json")["components"]["schemas"]["Input"]["properties"]
+    labelled = json.loads(labels["run.cog.openapi_schema"])["components"]["schemas"]["Input"]["properties"]
+    if labelled != served:
+        raise SystemExit(f"image-test: run.cog.openapi_schema of {tag} is not the schema the container serves")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("condition")
     parser.add_argument("--purge", action="store_true", help="also remove the cached base and dependency images")
+    parser.add_argument("--port", type=port_number, default=None, help="publish the container on 127.0.0.1:PORT (default: a free port)")
+    parser.add_argument("--keep", action="store_true", help="keep the image (KEEP=1) and print how to run it")
     args = parser.parse_args(argv)
     cond = args.condition
+    if args.port:
+        require_port(args.port, who="make image-test")
+    if port_problem(WHEEL_PORT):
+        raise SystemExit(f"make image-test: the wheelhouse's port {WHEEL_PORT} on 127.0.0.1 is in use (an image-test "
+                         "already running?); it is fixed because the pip layer's cache key holds the URL")
     tag, container = f"controlnet-{cond}-smoke", f"controlnet-{cond}-image-test"
     context = ROOT / "build" / f"image-test-{cond}"
     figures: dict[str, object] = {"condition": cond}
@@ -255,14 +279,17 @@ def main(argv: list[str] | None = None) -> None:
             ensure_deps(context, base)
             started = time.monotonic()
             docker_build(context, tag, base)
+            label_image(tag, cond, tiny=True, env=BUILD_ENV)
         figures["build_s"] = round(time.monotonic() - started, 1)
         figures["image_gb"] = round(int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", tag],
                                                        capture_output=True, text=True, check=True).stdout) / 1e9, 2)
         log(f"built {tag} via {figures['path']} in {figures['build_s']} s, {figures['image_gb']} GB")
-        port = free_port()
+        port = args.port or free_port()
         run("docker", "run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:5000", tag, stdout=subprocess.DEVNULL)
         figures["ready_s"] = round(wait_ready(port, container), 1)
         log(f"READY after {figures['ready_s']} s")
+        check_labels(tag, port)
+        log("labels: run.cog.config, run.cog.version and run.cog.openapi_schema (the served schema) are there")
         figures["predict_s"], figures["sizes"] = predict(port)
         figures["predict_s"] = round(figures["predict_s"], 1)
         log(f"prediction: map + sample {figures['sizes'][0]} in {figures['predict_s']} s")
@@ -277,7 +304,15 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(figures), flush=True)
     finally:
         subprocess.run(["docker", "rm", "-f", container], capture_output=True)
-        subprocess.run(["docker", "rmi", tag], capture_output=True)
+        if args.keep and "stop_s" in figures:
+            log(f"kept the image {tag}. Run it:\n"
+                f"  docker run -p 127.0.0.1:5000:5000 {tag}        (add --gpus all on a GPU host)\n"
+                f"  cog predict {tag} -i image=@photo.png -i prompt='a house'   (with the cog CLI)\n"
+                f"  docker inspect {tag}   (its labels: run.cog.config, run.cog.openapi_schema, ...)\n"
+                f"  docker rmi {tag}       (remove it; the dependency layers stay cached)"
+                + ("\n  (dockerd was started by this run and is stopped now: start it again first)" if daemon else ""))
+        else:
+            subprocess.run(["docker", "rmi", tag], capture_output=True)
         shutil.rmtree(context, ignore_errors=True)
         if args.purge:
             subprocess.run(["docker", "rmi", f"controlnet-cog-deps:{requirements_key()}",

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import requests
 
+from scripts.serve import port_number, require_port
+
 PAGE = Path(__file__).with_name("playground.html")
 RELAYED = ("/openapi.json", "/health-check")
 KEPT = 16  # predictions whose latest state is kept for the page to poll
 
 
-def make_handler(cog_url: str, timeout: float = 60):
+def make_handler(cog_url: str, condition: str | None = None, timeout: float = 60):
     """Predictions go to Cog asynchronously with a webhook back to this process, so the page can show
     Cog's own progress lines while it runs (a synchronous POST answers only at the end)."""
     states: OrderedDict[str, bytes] = OrderedDict()
@@ -45,6 +47,8 @@ def make_handler(cog_url: str, timeout: float = 60):
                 with lock:
                     state = states.get(self.path.removeprefix("/api/predictions/"))
                 self.reply(200, state, "application/json") if state else self.not_found()
+            elif self.path == "/api/about":  # what the page names in its title
+                self.reply(200, json.dumps({"condition": condition}).encode(), "application/json")
             elif self.path.startswith("/api/") and self.path.removeprefix("/api") in RELAYED:
                 self.reply(*self.ask_cog("GET", self.path.removeprefix("/api")))
             else:
@@ -60,6 +64,12 @@ def make_handler(cog_url: str, timeout: float = 60):
                 self.reply(200, b"{}", "application/json")
             elif self.path == "/api/predictions":
                 self.start(body)
+            elif self.path.startswith("/api/predictions/") and self.path.endswith("/cancel"):
+                prediction_id = self.path.removeprefix("/api/predictions/").removesuffix("/cancel")
+                with lock:
+                    known = prediction_id in states
+                # Only ids this playground started reach Cog's cancel, so nothing else of its API is relayed.
+                self.reply(*self.ask_cog("POST", f"/predictions/{prediction_id}/cancel")) if known else self.not_found()
             else:
                 self.not_found()
 
@@ -117,8 +127,8 @@ def make_handler(cog_url: str, timeout: float = 60):
 class Playground:
     """The page server, in a thread; `url` is where a browser opens it."""
 
-    def __init__(self, cog_url: str, port: int = 0, host: str = "127.0.0.1"):
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(cog_url))
+    def __init__(self, cog_url: str, port: int = 0, host: str = "127.0.0.1", condition: str | None = None):
+        self.httpd = ThreadingHTTPServer((host, port), make_handler(cog_url, condition))
         self.url = f"http://{host}:{self.httpd.server_address[1]}/"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -134,22 +144,31 @@ class Playground:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cond", default="canny")
-    parser.add_argument("--port", type=int, default=7860, help="the page's port (Cog gets a free one)")
+    parser.add_argument("--port", type=port_number, default=7860, help="the page's port (PLAYGROUND_PORT)")
+    parser.add_argument("--cog-port", type=port_number, default=None, help="the Cog server's port (PORT; default: a free one)")
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")
     args = parser.parse_args()
+    require_port(args.port, who="make playground", variable="PLAYGROUND_PORT")
+    if args.cog_port:
+        require_port(args.cog_port, who="make playground")
 
     from scripts.cog_server import CogServer
 
     print(f"Starting the Cog server for {args.cond} (tiny weights when the real ones are absent)...", flush=True)
-    with CogServer(args.cond) as server, Playground(server.url, args.port) as page:
-        print(f"Cog server: {server.url} (log: {server.log_path})")
-        print(f"Playground: {page.url}   Ctrl-C stops both.", flush=True)
-        if args.open:
-            webbrowser.open(page.url)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            print("\nStopping.")
+    try:
+        # CogServer makes SIGTERM unwind as Ctrl-C does, so both ways leave through __exit__ and stop Cog.
+        with CogServer(args.cond, port=args.cog_port) as server, \
+                Playground(server.url, args.port, condition=args.cond) as page:
+            print(f"Cog server: {server.url} (log: {server.log_path})")
+            print(f"Playground: {page.url}   Ctrl-C stops both.", flush=True)
+            if args.open:
+                webbrowser.open(page.url)
+            try:
+                threading.Event().wait()
+            finally:
+                print("\nStopping.", flush=True)
+    except (KeyboardInterrupt, SystemExit):
+        pass
 
 
 if __name__ == "__main__":

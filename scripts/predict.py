@@ -1,19 +1,26 @@
 """`make predict COND=x IMAGE=path PROMPT="..."`: one prediction against a running Cog server.
 
-The image goes as a data: URI (Cog's API takes URLs or data: URIs, not uploads); the returned files
-are written to outputs/, control map first.
+The image goes as a data: URI (Cog's API takes URLs or data: URIs, not uploads); the server's log
+lines (the seed, `step k/N`, timings) are printed while it runs; the returned files are written to
+outputs/, control map first.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import http.server
+import json
 import mimetypes
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import requests
+
+from scripts.serve import port_number
 
 
 def encode_image(image: str) -> str:
@@ -45,18 +52,80 @@ def save_outputs(outputs: list[str], out_dir: Path, stem: str, with_map: bool = 
     return paths
 
 
+class LogPrinter:
+    """Prints a prediction's logs as Cog's `logs` webhooks bring them (the seed, step k/N, timings).
+
+    The prediction itself stays a synchronous POST, whose answer carries the outputs: Cog sends the
+    webhooks of a synchronous request too, and where they cannot arrive (a server in a container does
+    not reach this machine's loopback) nothing is lost but the live lines; the rest is printed from
+    the answer. The receiver is the standard library's, on 127.0.0.1, for as long as one prediction."""
+
+    def __init__(self):
+        self.printed = 0
+        self.lock = threading.Lock()
+        printer = self
+
+        class Hook(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                try:
+                    printer.show(json.loads(body).get("logs") or "")
+                except ValueError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/logs"
+
+    def show(self, logs: str) -> None:
+        """Print what is new in the logs so far (each event carries all of them)."""
+        with self.lock:
+            if len(logs) > self.printed:
+                print(logs[self.printed:], end="", flush=True)
+                self.printed = len(logs)
+
+    def __enter__(self) -> "LogPrinter":
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def predict(url: str, inputs: dict, out_dir: Path, stem: str, timeout: float = 900) -> list[Path]:
-    try:
-        response = requests.post(f"{url}/predictions", json={"input": inputs}, timeout=timeout)
-    except requests.ConnectionError:
-        raise SystemExit(f"no Cog server at {url}: start one with `make serve COND=...`") from None
-    if response.status_code == 422:
-        details = response.json().get("detail", [])
-        lines = [f"  {'.'.join(str(p) for p in d.get('loc', [])[2:])}: {d.get('msg')}" for d in details]
-        raise SystemExit("the server rejected the input (422):\n" + "\n".join(lines))
-    response.raise_for_status()
-    body = response.json()
-    print((body.get("logs") or "").rstrip())
+    prediction_id = uuid.uuid4().hex
+    with LogPrinter() as printer:
+        request = {"id": prediction_id, "input": inputs, "webhook": printer.url, "webhook_events_filter": ["logs"]}
+        try:
+            response = requests.post(f"{url}/predictions", json=request, timeout=timeout)
+        except requests.ConnectionError:
+            where = "went away during the prediction" if printer.printed else "is not there"
+            raise SystemExit(f"the Cog server at {url} {where}: start one with `make serve COND=...`") from None
+        except KeyboardInterrupt:  # Ctrl-C: the server should not go on with what nobody waits for
+            try:
+                requests.post(f"{url}/predictions/{prediction_id}/cancel", timeout=10)
+            except requests.RequestException:
+                pass
+            raise SystemExit("\ncanceled (Ctrl-C)") from None
+        if response.status_code == 409:
+            raise SystemExit(f"the server at {url} is busy with another prediction (HTTP 409: it runs one at a time); "
+                             "try again when it is done")
+        if response.status_code == 422:
+            details = response.json().get("detail", [])
+            lines = [f"  {'.'.join(str(p) for p in d.get('loc', [])[2:])}: {d.get('msg')}" for d in details]
+            raise SystemExit("the server rejected the input (422):\n" + "\n".join(lines))
+        if not response.ok:  # e.g. the server stopped mid-prediction (500): what it said, not a traceback
+            raise SystemExit(f"the server at {url} answered HTTP {response.status_code}: {response.text.strip()[:300]}")
+        body = response.json()
+        printer.show(body.get("logs") or "")
+        if not (body.get("logs") or "\n").endswith("\n"):
+            print()
     if body.get("status") != "succeeded":
         raise SystemExit(f"prediction {body.get('status')}: {body.get('error')}")
     return save_outputs(body["output"], out_dir, stem, with_map=inputs.get("return_control_map", True))
@@ -117,7 +186,7 @@ def parse_inputs(pairs: list[str], props: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default=None, help="server URL (default http://127.0.0.1:PORT)")
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=port_number, default=5000)
     parser.add_argument("--image", default="", help="path, URL or data: URI (or -i image=@path)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--name", default="prediction", help="file name prefix, e.g. the condition")

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from scripts.cog_config import ROOT
 from scripts.cog_server import CogServer
 from scripts.predict import encode_image, predict
+from scripts.serve import port_number, require_port
 
 
 def sample_image(path: Path) -> Path:
@@ -39,15 +40,18 @@ def main() -> None:
     parser.add_argument("--prompt", default="a cozy cottage with a red roof, photorealistic, golden hour")
     parser.add_argument("--image", default=None, help="your own image instead of the generated drawing")
     parser.add_argument("--sample-only", action="store_true", help="only write the drawing to outputs/sample-input.png")
+    parser.add_argument("--port", type=port_number, default=None, help="the Cog server's port (default: a free one)")
     args = parser.parse_args()
 
     out_dir = ROOT / "outputs"
     if args.sample_only:
         print(sample_image(out_dir / "sample-input.png").relative_to(ROOT))
         return
+    if args.port:
+        require_port(args.port, who="make quickstart")
     image = Path(args.image) if args.image else sample_image(out_dir / "sample-input.png")
     start = time.monotonic()
-    with CogServer(args.cond) as server:
+    with CogServer(args.cond, port=args.port) as server:
         print(f"Cog server for {args.cond} is READY at {server.url} ({time.monotonic() - start:.1f}s)")
         tiny = "TINY RANDOM-WEIGHT" in server.log()
         paths = predict(server.url, {"image": encode_image(str(image)), "prompt": args.prompt}, out_dir, f"{args.cond}-quickstart")
@@ -58,7 +62,7 @@ def main() -> None:
     if tiny:
         print(
             "\n" + "!" * 78 + "\n  These images came from TINY RANDOM-WEIGHT models: they are noise, by design.\n"
-            f"  For real images: make weights COND={args.cond}   (needs internet, ~3 GB), then run this again.\n" + "!" * 78
+            f"  For real images: make weights COND={args.cond}   (needs internet, ~3.6 GB), then run this again.\n" + "!" * 78
         )
 
 

@@ -21,6 +21,7 @@ import psutil
 from PIL import Image, ImageDraw
 
 from scripts.cog_server import CogServer
+from scripts.serve import port_number, require_port
 
 MEMORY_GROWTH_LIMIT = 0.10
 BASELINE_AT = 50
@@ -58,12 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=1000)
     parser.add_argument("--cond", default="canny")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--port", type=port_number, default=None, help="the Cog server's port (default: a free one)")
     args = parser.parse_args(argv)
+    if args.port:
+        require_port(args.port, who="make soak")
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-tmp-"))
     cycle = list(requests_cycle())
     failures, baseline, started = [], None, time.monotonic()
-    with CogServer(args.cond, env={"TMPDIR": str(tmp)}, log_path=tmp.parent / f"{tmp.name}.log") as server:
+    with CogServer(args.cond, port=args.port, env={"TMPDIR": str(tmp)}, log_path=tmp.parent / f"{tmp.name}.log") as server:
         print(f"soak: {args.n} predictions against {args.cond} at {server.url}", flush=True)
         at_start = set(tmp.rglob("*"))  # start-up's own (torch's compile cache folder, say)
         for i in range(args.n):

@@ -20,6 +20,7 @@ import requests
 
 from scripts.cog_config import ROOT
 from scripts.predict import decode_output, input_schema, parse_inputs
+from scripts.serve import port_number, require_port
 
 CONDITION = "custom"
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", default="", help="the training archive: a path, an http(s) URL or a data: URI")
     parser.add_argument("--url", default=None, help="a running train-mode server (default: start one)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs")
+    parser.add_argument("--port", type=port_number, default=None, help="the train-mode server's port (default: a free one)")
     parser.add_argument("-i", dest="inputs", action="append", default=[],
                         help="a training input, KEY=VALUE, typed by the served schema (files as KEY=@path)")
     args = parser.parse_args(argv)
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from scripts.cog_server import CogServer
 
+    if args.port:
+        require_port(args.port, who="make train")
     log_path = args.out / f"{stem}-server.log"
-    server = CogServer(CONDITION, log_path=log_path, mode="train")
+    server = CogServer(CONDITION, port=args.port, log_path=log_path, mode="train")
     print(f"Starting the {CONDITION} image's Cog server in train mode on {server.url} (log: {log_path})", flush=True)
     stop = threading.Event()
     try:

@@ -94,13 +94,20 @@ SERVED = [c for c in os.environ.get("FUZZ_CONDITIONS", "").split(",") if c] or [
 ]
 
 
+def fuzz_port(condition: str) -> int | None:
+    """`make fuzz COND=x PORT=n` (FUZZ_PORT): x's server listens on n; every other server on a free port."""
+    port = os.environ.get("FUZZ_PORT")
+    return int(port) if port and os.environ.get("FUZZ_CONDITIONS") == condition else None
+
+
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """Each server is started once for the whole suite, all at the same time (setup is mostly imports)."""
     logs = tmp_path_factory.mktemp("cog")
     # /shutdown refused: the fuzzing in the suite calls every route, that one included.
     running = {
-        c: CogServer(c, log_path=logs / f"{c}.log", env={"CONTROLNET_SHUTDOWN_FROM": "none"}) for c in SERVED
+        c: CogServer(c, port=fuzz_port(c), log_path=logs / f"{c}.log", env={"CONTROLNET_SHUTDOWN_FROM": "none"})
+        for c in SERVED
     }
     try:
         for server in running.values():

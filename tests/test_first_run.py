@@ -4,8 +4,10 @@ example as written, and the playground page in a real headless browser."""
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,6 +25,47 @@ def test_make_help_lists_every_target():
     help_text = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     listed = set(re.findall(r"^make ([\w-]+)", help_text, re.M))
     assert targets - listed == set(), f"targets missing from `make help`: {sorted(targets - listed)}"
+
+
+def test_make_help_is_aligned_and_names_its_variables():
+    help_text = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    rows = [line for line in help_text.splitlines() if line.startswith("make ")]
+    columns = {re.match(r"make .*?\S  +(?=\S)", row).end() for row in rows}
+    assert len(columns) == 1, rows  # every description starts in the same column
+    for variable in ("PORT", "PLAYGROUND_PORT", "KEEP", "COND"):
+        assert re.search(rf"^  {variable} ", help_text, re.M), variable
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("quickstart", "--port 6123"), ("playground", "--cog-port 6123"), ("train PAIRS=x.zip", "--port 6123"),
+    ("soak", "--port 6123"), ("fuzz", "FUZZ_PORT=6123"), ("image-test", "--port 6123"), ("serve", "--port 6123"),
+    ("predict IMAGE=x.png", "--port 6123"),
+])
+def test_every_target_that_starts_a_server_takes_port(target, expected):
+    dry = subprocess.run(["make", "-n", *target.split(), "PORT=6123"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert expected in dry.stdout.splitlines()[-1]
+    if target not in ("serve", "predict IMAGE=x.png"):  # those two default to 5000; the others to a free port
+        plain = subprocess.run(["make", "-n", *target.split()], cwd=ROOT, capture_output=True, text=True, check=True,
+                               env={k: v for k, v in os.environ.items() if k != "PORT"})
+        assert expected.split()[0].split("=")[0] + ("" if "=" in expected else " ") not in plain.stdout.splitlines()[-1]
+
+
+def test_a_busy_or_impossible_port_is_one_line_before_anything_starts():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for module in ("scripts.serve canny", "scripts.quickstart --port", "scripts.soak --port"):
+            done = subprocess.run([sys.executable, "-m", *module.split(), *(["--port"] if module.endswith("canny") else []),
+                                   str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+            assert done.stderr.strip().splitlines() == [done.stderr.strip()] and f"port {port}" in done.stderr
+            assert "TINY" not in done.stdout  # refused before the server's banner
+    done = subprocess.run([sys.executable, "-m", "scripts.serve", "canny", "--port", "99999"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "not a port" in done.stderr
 
 
 # --- quiet output -------------------------------------------------------------------------------
@@ -134,6 +177,45 @@ def test_readme_curl_example_runs_as_written(canny):
     assert [n for n in NOISE if n in canny.log()] == []
 
 
+def test_make_predict_shows_progress_while_it_runs_and_a_busy_server_in_one_line(canny, tmp_path):
+    from scripts.quickstart import sample_image
+
+    image = sample_image(tmp_path / "house.png")
+    command = [sys.executable, "-m", "scripts.predict", "--url", canny.url, "--image", str(image), "--prompt", "a house",
+               "--out", str(tmp_path / "out"), "-i", "image_resolution=256"]
+    running = subprocess.Popen([*command, "-i", "ddim_steps=20"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in running.stdout:
+            lines.append(line)
+            if re.match(r"step \d+/20", line):
+                break
+        # A step line is on the terminal while the prediction is still running.
+        assert canny.health() == "BUSY", lines
+        busy = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 1 and busy.stdout == ""
+        assert busy.stderr.strip().count("\n") == 0 and "busy" in busy.stderr and "409" in busy.stderr, busy.stderr
+        rest, _ = running.communicate(timeout=600)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert running.returncode == 0, "".join(lines) + rest
+    printed = "".join(lines) + rest
+    steps = re.findall(r"^step (\d+)/20", printed, re.M)
+    assert steps and len(steps) == len(set(steps))  # each line once, although every webhook carries all of them
+    assert printed.count("Using seed:") == 1
+    assert sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "out").glob("*.png")) == ["1.png", "control.png"]
+
+
+def test_server_start_up_says_ready_once_and_nothing_that_reads_as_an_error(canny):
+    deadline = time.monotonic() + 30
+    while f"READY on {canny.url}" not in canny.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = canny.log()
+    assert log.count(f"READY on {canny.url}") == 1, log[-3000:]
+    assert "fast loader failed" not in log and "Loading weights" not in log, log[-3000:]
+
+
 def find_chromium() -> str | None:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
         if name and shutil.which(name):
@@ -143,6 +225,20 @@ def find_chromium() -> str | None:
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
+
+
+def in_viewport(page, selector: str) -> bool:
+    """Wholly inside the window as it is now, without scrolling."""
+    return page.evaluate("""s => { const r = document.querySelector(s).getBoundingClientRect();
+        return r.width > 0 && r.top >= 0 && r.left >= 0 && r.bottom <= innerHeight && r.right <= innerWidth; }""", selector)
+
+
+def no_horizontal_scroll(page) -> bool:
+    return page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+
+
+def wait_idle_page(page):
+    page.wait_for_function("!document.getElementById('run').disabled", timeout=300_000)
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium on this machine (Debian: apt-get install chromium); .ci/run installs it")
@@ -155,15 +251,18 @@ def test_playground_in_a_headless_browser(canny, tmp_path):
 
     image = sample_image(tmp_path / "house.png")
     schema = requests.get(f"{canny.url}/openapi.json", timeout=10).json()["components"]["schemas"]["Input"]["properties"]
-    with Playground(canny.url) as page_server, sync_playwright() as pw:
+    shots = ROOT / "outputs"
+    shots.mkdir(exist_ok=True)
+    with Playground(canny.url, condition="canny") as page_server, sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=find_chromium(), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1280, "height": 900},
+            viewport={"width": 1280, "height": 800},
         )
         try:
             page = browser.new_page()
             page.goto(page_server.url)
             page.wait_for_selector("#in-prompt")
+            assert page.text_content("#condition") == "canny" and "canny" in page.title()
             # Every served input has a field, with the served default.
             for name, prop in schema.items():
                 assert page.locator(f"#in-{name}").count() == 1, name
@@ -171,6 +270,26 @@ def test_playground_in_a_headless_browser(canny, tmp_path):
             for name in [n for n, p in schema.items() if p.get("type") == "boolean"]:
                 assert page.is_checked(f"#in-{name}") is schema[name]["default"], name
             assert float(page.locator("#in-low_threshold").get_attribute("max")) == schema["low_threshold"]["maximum"]
+            # Image, prompt and Run first; jagilley's inputs open; every other input folded in a group.
+            assert in_viewport(page, "#in-image") and in_viewport(page, "#in-prompt") and in_viewport(page, "#run")
+            order = page.evaluate("[...document.querySelectorAll('#in-image, #in-prompt, #run, #groups')].map(e => e.id)")
+            assert order == ["in-image", "in-prompt", "run", "groups"]
+            basics = {"num_samples", "image_resolution", "ddim_steps", "scale", "seed", "eta", "a_prompt", "n_prompt",
+                      "low_threshold", "high_threshold"}
+            groups = {}
+            for name in schema.keys() - {"image", "prompt"}:
+                group = page.evaluate(f"document.getElementById('in-{name}').closest('details').id")
+                groups.setdefault(group, set()).add(name)
+                assert page.is_visible(f"#in-{name}") is (name in basics), (name, group)
+            assert groups["group-basics"] == basics and "group-more" not in groups  # canny has nothing unplaced
+            assert {"guess_mode", "controlnet_conditioning_scale"} <= groups["group-control"]
+            assert groups["group-sampler"] == {"scheduler"} and "lora_url" in groups["group-style"]
+            assert {"return_control_map", "width"} <= groups["group-output"]
+            # Names that other images serve land by rule: the multi image's units, and anything new.
+            assert page.evaluate("['controlnet_2_image', 'controlnet_3_image_is_map', 'mask_image', 'brand_new']"
+                                 ".map(n => groupOf(n).id)") == ["units", "units", "editing", "more"]
+            page.click("#group-control summary")
+            assert page.is_visible("#in-guess_mode")
 
             page.set_input_files("#in-image", str(image))
             page.fill("#in-prompt", "a cozy cottage with a red roof")
@@ -186,7 +305,7 @@ def test_playground_in_a_headless_browser(canny, tmp_path):
             page.evaluate("""window.seen = []; new MutationObserver(() => window.seen.push(
                 document.getElementById('status').textContent)).observe(document.getElementById('status'),
                 {childList: true, characterData: true, subtree: true})""")
-            page.select_option("#in-image_resolution", "512")
+            page.select_option("#in-image_resolution", "256")
             page.fill("#in-ddim_steps", "20")
             page.click("#run")
             page.wait_for_selector("figure img.sample", timeout=300_000)
@@ -195,17 +314,95 @@ def test_playground_in_a_headless_browser(canny, tmp_path):
             assert page.locator("figure img.control").count() == 1 and page.locator("figure img.sample").count() == 1
             page.wait_for_function("[...document.querySelectorAll('figure img')].every(i => i.complete && i.naturalWidth > 0)",
                                    timeout=30_000)
+            assert page.locator("figcaption").all_text_contents() == ["control map", "sample 1"]
+            # The outcome is in view without scrolling, on a page that has not scrolled.
+            assert page.evaluate("scrollY") == 0 and in_viewport(page, "#status") and in_viewport(page, "figure img.sample")
             seed = re.fullmatch(r"Seed: (\d+)", page.text_content("#seed")).group(1)
             assert f"Using seed: {seed}" in page.text_content("#logs")
             first = page.get_attribute("figure img.sample", "src")
-            shot = ROOT / "outputs" / "playground.png"
-            shot.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(shot), full_page=True)
+            page.screenshot(path=str(shots / "playground-1280x800.png"))
 
             page.evaluate("document.getElementById('images').textContent = ''")
             page.click("#again")
             page.wait_for_selector("figure img.sample", timeout=300_000)
             assert page.text_content("#seed") == f"Seed: {seed}"
             assert page.get_attribute("figure img.sample", "src") == first  # same seed, same sample
+
+            # Without the control map the only image is the sample, and says so.
+            page.click("#group-output summary")
+            page.uncheck("#in-return_control_map")
+            page.select_option("#in-image_resolution", "256")
+            page.fill("#in-ddim_steps", "2")
+            page.evaluate("document.getElementById('images').textContent = ''")
+            page.click("#run")
+            page.wait_for_selector("figure img", timeout=300_000)
+            assert page.locator("figcaption").all_text_contents() == ["sample 1"]
+            assert page.locator("figure img.sample").count() == 1 and page.locator("figure img.control").count() == 0
+            page.check("#in-return_control_map")
+
+            # Cancel ends the running prediction through Cog's cancel.
+            page.select_option("#in-image_resolution", "768")
+            page.fill("#in-ddim_steps", "100")
+            page.click("#run")
+            page.wait_for_function("/step \\d+\\/100/.test(document.getElementById('status').textContent)", timeout=300_000)
+            page.click("#cancel")
+            page.wait_for_selector("#status.canceled", timeout=60_000)
+            assert page.text_content("#status").startswith("canceled")
+            wait_idle_page(page)
+
+            # A phone: one readable column, no horizontal scrolling, Run in the first screen, the outcome in view.
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.goto(page_server.url)
+            page.wait_for_selector("#in-prompt")
+            assert in_viewport(page, "#run") and no_horizontal_scroll(page)
+            page.set_input_files("#in-image", str(image))
+            page.fill("#in-prompt", "a cozy cottage with a red roof")
+            page.select_option("#in-image_resolution", "256")
+            page.fill("#in-ddim_steps", "2")
+            page.click("#run")
+            page.wait_for_selector("figure img.sample", timeout=300_000)
+            wait_idle_page(page)
+            page.wait_for_function("[...document.querySelectorAll('figure img')].every(i => i.complete && i.naturalWidth > 0)",
+                                   timeout=30_000)
+            assert page.text_content("#status").startswith("Done") and in_viewport(page, "#status")
+            assert no_horizontal_scroll(page)
+            width = page.evaluate("document.querySelector('figure img.sample').getBoundingClientRect().width")
+            assert width >= 300  # the column's width, not a shrunken desktop page
+            page.screenshot(path=str(shots / "playground-390x844.png"))
         finally:
             browser.close()
+
+
+def test_sigterm_stops_the_playground_and_its_cog_server(tmp_path):
+    """SIGTERM (systemd, docker, timeout) must not orphan the Cog server, which runs in its own session."""
+    import psutil
+
+    from scripts.cog_server import free_port, group_alive
+    from scripts.serve import port_problem
+
+    page_port, cog_port = free_port(), free_port()
+    playground = subprocess.Popen(
+        [sys.executable, "-m", "scripts.playground", "--cond", "canny", "--port", str(page_port), "--cog-port", str(cog_port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    cog = None
+    try:
+        for line in playground.stdout:
+            if line.startswith("Cog server:"):
+                assert f"127.0.0.1:{cog_port}" in line  # --cog-port (make's PORT) honoured
+            if line.startswith("Playground:"):
+                break
+        (cog,) = psutil.Process(playground.pid).children()
+        assert group_alive(cog.pid)
+        playground.send_signal(signal.SIGTERM)
+        assert playground.wait(timeout=60) == 0
+        deadline = time.monotonic() + 20
+        while group_alive(cog.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not group_alive(cog.pid), "the Cog server outlived its playground"
+        assert port_problem(cog_port) is None and port_problem(page_port) is None
+    finally:
+        if playground.poll() is None:
+            playground.kill()
+        if cog is not None and group_alive(cog.pid):
+            os.killpg(cog.pid, signal.SIGKILL)

@@ -1,6 +1,7 @@
 """The repo's own invariants: one list of conditions, Cog configs that agree with the pins, and image
 build contexts that carry only their own condition."""
 
+import json
 import os
 import re
 import subprocess
@@ -135,7 +136,7 @@ def fake_tools(folder: Path, cog_version: str | None) -> str:
     """A `docker` whose `info` succeeds and, optionally, a `cog` of this version; both log their calls."""
     folder.mkdir()
     calls = folder / "calls"
-    (folder / "docker").write_text(f'#!/bin/sh\necho "docker $*" >> {calls}\n')
+    (folder / "docker").write_text(f'#!/bin/sh\necho "docker $*" >> {calls}\n[ "$1" = run ] && echo "{{}}"\nexit 0\n')
     if cog_version:
         (folder / "cog").write_text(
             f'#!/bin/sh\n[ "$1" = --version ] && echo "cog version {cog_version} (built 2026)" && exit 0\n'
@@ -176,8 +177,10 @@ def test_the_generated_dockerfile_follows_cogs_order_and_shares_its_dependency_l
         head, tail = text.split(DEPS_END)
         heads.add(head)
         steps = [line.split()[0] for line in text.splitlines() if line and not line.startswith("#")]
+        loaders = 2 if has_field(condition, "train") else 1  # COG_PREDICT_CODE_STRIP (+ COG_TRAIN_CODE_STRIP)
         assert steps == ["ARG", "FROM", "ENV", "RUN", "ENTRYPOINT", "COPY", "ARG", "RUN", "RUN",
-                         "WORKDIR", "EXPOSE", "ENV", "CMD", "COPY"]
+                         "WORKDIR", "EXPOSE", "ENV", *["ENV"] * loaders, "CMD", "COPY"]
+        assert f'ENV COG_PREDICT_CODE_STRIP="from predictors.{condition}.predict import Predictor"' in tail
         assert f"cog=={pinned_sdk()}" in head and "-r /tmp/requirements.txt" in head
         assert tail.strip().splitlines()[-1] == "COPY . /src"  # code and weights last: a code change rebuilds one layer
     assert len(heads) == 1  # one pip layer for every condition
@@ -188,3 +191,73 @@ def test_gpu_configs_name_the_cuda_of_the_pinned_torch():
 
     for condition in weights.CONDITIONS:
         assert field(condition, "cuda") == ".".join(torch.version.cuda.split(".")[:2])
+
+
+def test_the_cog_config_label_is_the_cog_yaml_in_cogs_field_order():
+    import yaml
+
+    from scripts.build_image import cog_config_json
+
+    for condition in weights.CONDITIONS:
+        text = cog_config_json(condition)
+        config = yaml.safe_load((ROOT / "predictors" / condition / "cog.yaml").read_text())
+        assert json.loads(text) == config  # every field, none left out, none invented
+        assert list(json.loads(text)) == ["build", "predict", *(["train"] if "train" in config else [])]
+        assert " " not in text  # compact, as Go's json.Marshal writes it
+
+
+FAKE_DOCKER = """#!{python}
+# A docker that logs its arguments; `run IMAGE CMD...` runs CMD here, in the staged context (what the image holds).
+import json, os, subprocess, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as log:
+    log.write(json.dumps(args) + "\\n")
+if args[0] == "run":
+    entry = args.index("--entrypoint")
+    command = [args[entry + 1], *args[entry + 3:]]
+    command[0] = sys.executable if command[0] == "python" else command[0]
+    env = {{**os.environ, "COG_PREDICT_CODE_STRIP": "from predictors.canny.predict import Predictor"}}
+    sys.exit(subprocess.run(command, cwd={context!r}, env=env).returncode)
+"""
+
+
+def test_plain_docker_images_carry_the_labels_cog_build_writes(tmp_path):
+    """What `docker inspect` and `cog predict IMAGE` read, checked without building an image: the labelling
+    build's arguments, with the schema and pip freeze produced where the image's predictor would run."""
+    import yaml
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    log = folder / "calls.jsonl"
+    (folder / "docker").write_text(FAKE_DOCKER.format(python=sys.executable, log=str(log), context=str(tmp_path / "context")))
+    (folder / "docker").chmod(0o755)
+    proc = stage(tmp_path, "canny", "--weights", "tiny", path=f"{folder}:/usr/bin:/bin")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    (labelling,) = [c for c in calls if c[0] == "build" and "--label" in c]
+    assert labelling[-3:] == ["-t", "controlnet-canny-smoke", "-"]  # FROM the built image, same tag
+    labels = dict(labelling[i + 1].split("=", 1) for i, arg in enumerate(labelling) if arg == "--label")
+
+    assert json.loads(labels["run.cog.config"]) == yaml.safe_load((ROOT / "predictors/canny/cog.yaml").read_text())
+    assert labels["run.cog.version"] == pinned_sdk() and labels["run.cog.has_init"] == "true"
+    schema = json.loads(labels["run.cog.openapi_schema"])
+    inputs = schema["components"]["schemas"]["Input"]
+    from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS
+
+    assert list(inputs["properties"]) == [*JAGILLEY_INPUTS, "low_threshold", "high_threshold", *CONTROLS]
+    assert sorted(inputs["required"]) == ["image", "prompt"] and inputs["properties"]["ddim_steps"]["default"] == 20
+    assert "/predictions" in schema["paths"] and schema["components"]["schemas"]["Output"]["type"] == "array"
+    assert f"cog=={pinned_sdk()}" in labels["run.cog.pip_freeze"]
+    # The standard OCI labels: a tiny-weights image carries only the project's own code and random weights.
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert labels["org.opencontainers.image.title"] == "controlnet-canny"
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert labels.get("org.opencontainers.image.revision") == (head or None)
+
+
+def test_a_real_images_licence_label_names_its_weights():
+    from scripts.build_image import image_labels
+
+    assert image_labels("canny", "{}", tiny=False)["org.opencontainers.image.licenses"] == "Apache-2.0 AND CreativeML-OpenRAIL-M"
+    pose = image_labels("pose", "{}", tiny=False)["org.opencontainers.image.licenses"]
+    assert pose == "Apache-2.0 AND CreativeML-OpenRAIL-M AND LicenseRef-CMU-OpenPose-NonCommercial"
