@@ -70,9 +70,9 @@ def download_component(name: str, dest: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("condition", choices=weights.CONDITIONS)
+    parser.add_argument("condition", choices=weights.IMAGES)
     args = parser.parse_args(argv)
-    for name in weights.components(args.condition).values():
+    for name in dict.fromkeys(weights.components(args.condition).values()):  # multi: MiDaS serves two conditions
         download_component(name, weights.root() / name)
     print(f"weights for {args.condition} are in {weights.root()}")
 
