@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.5 + one ControlNet, loaded from local folders only.
+"""Stable Diffusion 1.5 + its ControlNets (one per unit of control), loaded from local folders only.
 
 fp16 with torch SDPA attention on CUDA (diffusers' default attention processor in torch 2), fp32 on
 CPU, DDIM so that `eta` means what it meant in ControlNet 1.0, and no safety checker, like the

@@ -168,6 +168,15 @@ def test_setup_loads_no_controlnet_and_no_detector_and_a_map_needs_no_detector(m
     assert p.runner.controlnets.loaded == [p.conditions["canny"].controlnet]  # bound 1: the others dropped
 
 
+def test_a_multi_signature_must_leave_the_unit_inputs_to_the_units():
+    from cog_base import MultiControlNetPredictor
+
+    with pytest.raises(TypeError, match=r"must take \['prompt', 'num_samples'"):
+        class WithImage(MultiControlNetPredictor):
+            def predict(self, image=Inputs.image, prompt=Inputs.prompt):
+                pass
+
+
 def test_the_unit_choices_are_the_conditions_multi_combines():
     for n in (1, 2, 3):
         assert getattr(Inputs, f"controlnet_{n}").json_schema_extra["enum"] == ["none", *CONDITIONS]
@@ -236,3 +245,38 @@ def test_inconsistent_units_fail_with_the_fix_and_the_server_serves_on(server):
     two = server.predict({**unit(1, "canny", image), **unit(2, "pose", image), **GOOD}).json()
     assert two["status"] == "succeeded", two.get("error")
     assert len(two["output"]) == 3
+
+
+def test_the_playground_builds_the_multi_form_from_the_schema_and_runs_two_units(server, tmp_path):
+    from tests.test_first_run import CHROMIUM_FLAGS, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium); .ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    from scripts.playground import Playground
+
+    drawing().save(tmp_path / "in.png")
+    props = requests.get(f"{server.url}/openapi.json", timeout=10).json()["components"]["schemas"]["Input"]["properties"]
+    with Playground(server.url) as page_server, sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=find_chromium(),
+                                                        headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(page_server.url)
+            page.wait_for_selector("#in-prompt")
+            assert all(page.locator(f"#in-{name}").count() == 1 for name in props)
+            assert page.get_attribute("#in-controlnet_2_image", "type") == "file"
+            page.select_option("#in-controlnet_1", "canny")
+            page.set_input_files("#in-controlnet_1_image", str(tmp_path / "in.png"))
+            page.select_option("#in-controlnet_2", "depth")
+            page.set_input_files("#in-controlnet_2_image", str(tmp_path / "in.png"))
+            page.fill("#in-prompt", "a house")
+            page.select_option("#in-image_resolution", "256")
+            page.fill("#in-ddim_steps", "2")
+            page.click("#run")
+            page.wait_for_selector("figure img.sample", timeout=300_000)
+            assert page.locator("figure img.control").count() == 2 and page.locator("figure img.sample").count() == 1
+            assert page.locator("figcaption").all_text_contents() == ["control map 1", "control map 2", "sample 1"]
+        finally:
+            browser.close()
