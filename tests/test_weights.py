@@ -133,3 +133,16 @@ def test_download_refuses_a_revision_missing_a_listed_file(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="diffusion_pytorch_model.safetensors"):
         download.download_component("sd-controlnet-canny", tmp_path / "c")
     assert weights.marker(tmp_path / "c") is None
+
+
+def test_a_combined_image_carries_every_condition_it_serves_and_gives_each_its_own_folders():
+    found = weights.locate("multi", prefer="tiny")
+    assert set(found.folders.values()) == {
+        found.base.parent / name for c in weights.COMBINED["multi"] for name in weights.components(c).values()}
+    seg = found.of("seg")
+    assert (seg.controlnet.name, seg.detector.name) == (weights.components("seg")["controlnet"],
+                                                        weights.components("seg")["detector"])
+    assert found.of("canny").detector is None and found.of("canny").base == found.base
+    with pytest.raises(ValueError, match="serves no condition 'custom'"):
+        found.of("custom")
+    assert weights.conditions_of("canny") == ("canny",)
