@@ -43,7 +43,7 @@ def parse(argv):
     p.add_argument("--resolution", type=int, default=512, choices=(256, 512, 768))
     p.add_argument("--fast", default="all", help="models/fast.py options to time against the plain path ('' = skip)")
     p.add_argument("--lossy", type=int, nargs="*", default=[10, 15], help="fewer-step variants for the lossy table")
-    p.add_argument("--skip", nargs="*", default=[], choices=("baseline", "server", "samples4", "fast", "lossy"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("baseline", "server", "samples4", "fast", "lossy", "units"))
     p.add_argument("--weights-root", type=Path, default=None, help="full size: where bench/weights.py writes")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
     return p.parse_args(argv)
@@ -252,6 +252,37 @@ def stages(args, clock, pipe, runner, rgb, steps: int) -> dict:
     return parts
 
 
+UNITS = {"1 unit (canny)": {}, "2 units (canny + depth)": {"controlnet_2": "depth"}}
+
+
+def measure_units(args, clock, image: Path, results: dict) -> None:
+    """Cost per ControlNet unit: the multi image with one unit and with two, same inputs and seed. Only
+    where the multi image's weights are (the tiny ones; `make bench-weights` writes canny's alone)."""
+    import gc
+
+    import weights
+    from predictors.multi.predict import Predictor
+
+    try:
+        weights.locate("multi")
+    except weights.MissingWeightsError:
+        results["units_skipped"] = "no weights for the multi image"
+        return
+    predictor = Predictor()
+    predictor.setup()
+    inputs = dict(prompt=PROMPT, image_resolution=args.resolution, ddim_steps=args.steps[0], seed=SEED,
+                  controlnet_1="canny", controlnet_1_image=image)
+    results["units"] = {}
+    for name, extra in UNITS.items():
+        extra = {**extra, **({"controlnet_2_image": image} if extra else {})}
+        # At least one warm-up: a unit's first use loads its ControlNet and detector.
+        results["units"][name] = repeat(lambda: predictor.generate(**inputs, **extra), clock.wall,
+                                        max(1, args.warmup), args.runs)
+        print(f"multi {name}: {results['units'][name]}", flush=True)
+    del predictor
+    gc.collect()
+
+
 def load_baseline(cuda: bool, base: Path, controlnet: Path):
     """Plain diffusers: StableDiffusionControlNetPipeline, fp16 (fp32 on CPU), default SDPA, eager."""
     import torch
@@ -373,6 +404,8 @@ def markdown(r: dict) -> str:
         for key, s in r.get(variant, {}).items():
             if key.startswith("steps_") or key == "samples_4":
                 lines.append(row(f"{variant} {key.replace('_', ' ')}", s))
+    for name, s in r.get("units", {}).items():
+        lines.append(row(f"multi, {name}, steps {head}", s))
     lines += ["", "| figure | value |", "|---|---|"]
     figures = {"setup in process (s)": r.get("setup_in_process_ms", 0) / 1e3,
                "first prediction after setup (ms)": r.get("first_prediction_ms")}
@@ -423,6 +456,8 @@ def check(r: dict) -> list[str]:
             problems.append(f"no {stage} stage timing")
     if "server" not in r["args"]["skip"] and not r.get("server", {}).get("round_trip"):
         problems.append("no server timing")
+    if "units" not in r["args"]["skip"] and "units_skipped" not in r and len(r.get("units", {})) != len(UNITS):
+        problems.append("no multi unit timings")
     if r.get("fast_match") and not r["fast_match"]["ok"]:
         problems.append(f"fast path does not match the plain path: {r['fast_match']}")
     return problems
@@ -463,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
                "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
                "versions": versions(cuda), "weights": str(ws.base.parent)}
     measure_predictor(args, clock, image, results)
+    if "units" not in args.skip:
+        measure_units(args, clock, image, results)
     if "baseline" not in args.skip:
         measure_baseline(args, clock, image, results, ws.base, ws.controlnet)
         head = f"steps_{args.steps[0]}"

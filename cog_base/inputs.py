@@ -112,6 +112,74 @@ class Inputs:
     )
 
 
+    # -- the multi image's units of control (named as fofr/cog-sdxl-multi-controlnet-lora names them) --
+    # Literal, one entry per unit: Cog's static parser reads literals. Each unit's detector runs with
+    # its condition's default options.
+    controlnet_1 = Input(
+        description="Unit 1: the condition whose detector and ControlNet it uses (none: no unit 1). The output is "
+        "the control map of each active unit, in unit order, then the samples",
+        choices=["none", "canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg"], default="none",
+    )
+    controlnet_1_image = Input(
+        description="Unit 1's image (URL or data: URI); it sets the size, as image_resolution and width/height say",
+        default=None,
+    )
+    controlnet_1_conditioning_scale = Input(
+        description="Unit 1's strength (0 = no effect)", default=1.0, ge=0.0, le=2.0
+    )
+    controlnet_1_start = Input(
+        description="Fraction of the steps after which unit 1 starts acting", default=0.0, ge=0.0, le=1.0
+    )
+    controlnet_1_end = Input(
+        description="Fraction of the steps after which unit 1 stops acting (must exceed its start)",
+        default=1.0, ge=0.0, le=1.0,
+    )
+    controlnet_1_image_is_map = Input(
+        description="Unit 1's image already is a map of its condition: skip the detector", default=False
+    )
+    controlnet_2 = Input(
+        description="Unit 2: the condition whose detector and ControlNet it uses (none: no unit 2)",
+        choices=["none", "canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg"], default="none",
+    )
+    controlnet_2_image = Input(
+        description="Unit 2's image (URL or data: URI), centre-cropped to the first unit's aspect",
+        default=None,
+    )
+    controlnet_2_conditioning_scale = Input(
+        description="Unit 2's strength (0 = no effect)", default=1.0, ge=0.0, le=2.0
+    )
+    controlnet_2_start = Input(
+        description="Fraction of the steps after which unit 2 starts acting", default=0.0, ge=0.0, le=1.0
+    )
+    controlnet_2_end = Input(
+        description="Fraction of the steps after which unit 2 stops acting (must exceed its start)",
+        default=1.0, ge=0.0, le=1.0,
+    )
+    controlnet_2_image_is_map = Input(
+        description="Unit 2's image already is a map of its condition: skip the detector", default=False
+    )
+    controlnet_3 = Input(
+        description="Unit 3: the condition whose detector and ControlNet it uses (none: no unit 3)",
+        choices=["none", "canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg"], default="none",
+    )
+    controlnet_3_image = Input(
+        description="Unit 3's image (URL or data: URI), centre-cropped to the first unit's aspect",
+        default=None,
+    )
+    controlnet_3_conditioning_scale = Input(
+        description="Unit 3's strength (0 = no effect)", default=1.0, ge=0.0, le=2.0
+    )
+    controlnet_3_start = Input(
+        description="Fraction of the steps after which unit 3 starts acting", default=0.0, ge=0.0, le=1.0
+    )
+    controlnet_3_end = Input(
+        description="Fraction of the steps after which unit 3 stops acting (must exceed its start)",
+        default=1.0, ge=0.0, le=1.0,
+    )
+    controlnet_3_image_is_map = Input(
+        description="Unit 3's image already is a map of its condition: skip the detector", default=False
+    )
+
 # The order every signature follows: these first, then the condition's detector options, then CONTROLS.
 JAGILLEY_INPUTS = (
     "image", "prompt", "num_samples", "image_resolution", "ddim_steps", "scale", "seed", "eta", "a_prompt", "n_prompt",
@@ -121,3 +189,14 @@ CONTROLS = (
     "control_image_is_map", "return_control_map", "preprocess_only", "width", "height",
     "lora_url", "lora_scale", "embedding_url", "embedding_token",
 )
+# One unit of control's inputs. A single-condition image takes its one unit's inputs in the lists
+# above; the multi image takes them per unit (controlnet_<n>_...) among its own inputs, so its head
+# and tail are these lists without them.
+UNIT_INPUTS = ("image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+               "control_image_is_map")
+SHARED_HEAD = tuple(name for name in JAGILLEY_INPUTS if name not in UNIT_INPUTS)
+SHARED_CONTROLS = tuple(name for name in CONTROLS if name not in UNIT_INPUTS)
+# The multi image's units: the inputs of unit n are these names with n filled in.
+UNIT_SLOT = ("controlnet_{n}", "controlnet_{n}_image", "controlnet_{n}_conditioning_scale", "controlnet_{n}_start",
+             "controlnet_{n}_end", "controlnet_{n}_image_is_map")
+MAX_UNITS = 3

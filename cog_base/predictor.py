@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -29,20 +28,19 @@ from typing import Any, ClassVar
 from cog import BasePredictor, Path
 
 import weights
-from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS, Inputs
+from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS, MAX_UNITS, SHARED_CONTROLS, SHARED_HEAD, Inputs
+from cog_base.request import SINGLE_UNIT_INPUTS, Asked, UnitAsk, asked, check, slot_inputs
 
 # Serving never downloads: every weight comes from a local folder (see weights/).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 A_PROMPT = Inputs.a_prompt.default
 N_PROMPT = Inputs.n_prompt.default
-NUM_SAMPLES = tuple(Inputs.num_samples.json_schema_extra["enum"])
-IMAGE_RESOLUTIONS = tuple(Inputs.image_resolution.json_schema_extra["enum"])
-SCHEDULER_NAMES = tuple(Inputs.scheduler.json_schema_extra["enum"])
-MAX_SEED = 2**32 - 1
 # A parameter may take another registry entry than its own name's: hed's `image` is optional
 # because its clients may send `input_image` instead.
 ALIASES = {"image": ("image_or_input_image",)}
+# Inputs that carry the unit's image rather than a detector option.
+IMAGE_INPUTS = ("input_image",)
 
 
 class ExpectedFault(RuntimeError):
@@ -53,20 +51,12 @@ class UnexpectedError(RuntimeError):
     """Anything else: the client learns that it was unexpected, the server's log keeps the detail."""
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if str(value) not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-    return str(value)
-
-
-def _in_range(name: str, value, low, high):
-    if value is None or not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, not {value!r}")
-    return value
-
-
 def _registry_name(default: Any) -> str | None:
     return next((name for name, value in vars(Inputs).items() if value is default), None)
+
+
+def _default(entry) -> Any:
+    return None if entry.is_required() else entry.default
 
 
 class ControlNetPredictor(BasePredictor):
@@ -83,8 +73,11 @@ class ControlNetPredictor(BasePredictor):
                          palettes intact)
     cog_weights          what COG_WEIGHTS replaces: "base" (a fine-tuned SD 1.5 checkpoint) or
                          "controlnet" (a trained ControlNet)
+    head_inputs, tail_inputs  the shared inputs before and after the image's own (JAGILLEY_INPUTS and
+                         CONTROLS: a single-condition image carries its one unit's inputs among them)
 
-    `extra_inputs` (the condition's own inputs) is read from the predict() signature.
+    `extra_inputs` (the image's own inputs) and `fields` (every input's registry entry) are read from
+    the predict() signature.
     """
 
     condition: ClassVar[str]
@@ -92,7 +85,10 @@ class ControlNetPredictor(BasePredictor):
     detect_at_resolution: ClassVar[bool] = True
     map_interpolation: ClassVar[str] = "bilinear"
     extra_inputs: ClassVar[tuple[str, ...]] = ()
+    fields: ClassVar[dict[str, Any]] = {}
     cog_weights: ClassVar[str] = "base"
+    head_inputs: ClassVar[tuple[str, ...]] = JAGILLEY_INPUTS
+    tail_inputs: ClassVar[tuple[str, ...]] = CONTROLS
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -108,18 +104,28 @@ class ControlNetPredictor(BasePredictor):
                     f"{cls.__qualname__}.predict(): {param.name} must default to Inputs.{param.name}"
                     + (f", not Inputs.{source}" if source else " (define every Input in cog_base.inputs.Inputs)")
                 )
-        head, tail = names[: len(JAGILLEY_INPUTS)], names[len(names) - len(CONTROLS) :]
-        if head != list(JAGILLEY_INPUTS) or tail != list(CONTROLS):
+        head, tail = names[: len(cls.head_inputs)], names[len(names) - len(cls.tail_inputs) :]
+        if head != list(cls.head_inputs) or tail != list(cls.tail_inputs):
             raise TypeError(
-                f"{cls.__qualname__}.predict() must take {list(JAGILLEY_INPUTS)}, then its own inputs, then "
-                f"{list(CONTROLS)}; it takes {names}"
+                f"{cls.__qualname__}.predict() must take {list(cls.head_inputs)}, then its own inputs, then "
+                f"{list(cls.tail_inputs)}; it takes {names}"
             )
-        cls.extra_inputs = tuple(names[len(JAGILLEY_INPUTS) : len(names) - len(CONTROLS)])
+        cls.extra_inputs = tuple(names[len(cls.head_inputs) : len(names) - len(cls.tail_inputs)])
+        cls.fields = {p.name: p.default for p in params}
 
     @classmethod
     def detector_class(cls) -> type:
         module, _, name = cls.detector.partition(":")
         return getattr(importlib.import_module(module), name)
+
+    @classmethod
+    def condition_specs(cls) -> dict[str, type[ControlNetPredictor]]:
+        """The conditions this image serves, each by the predictor class that declares it."""
+        return {cls.condition: cls}
+
+    @classmethod
+    def detector_options(cls) -> tuple[str, ...]:
+        return tuple(name for name in cls.extra_inputs if name not in IMAGE_INPUTS)
 
     # No `weights` parameter: given one, Cog 0.16.12 passes Path("weights") whenever a `weights` entry
     # sits in the working directory (our package always does) and reads a COG_WEIGHTS URL whole into
@@ -128,14 +134,15 @@ class ControlNetPredictor(BasePredictor):
         start = time.perf_counter()
         from models import fast
         from models.assets import AssetCache, fetch_weights
-        from models.pipeline import ControlNetRunner, load_pipeline  # torch and diffusers: worker only
+        from models.pipeline import load_pipeline  # torch and diffusers: worker only
         from models.style import StyleAssets
 
         self.weights = weights.locate(self.condition)
         if self.weights.tiny:
             print(self.tiny_warning(), flush=True)
         self.assets = AssetCache(**asset_settings())
-        folders = {"base_override": None, "controlnet_dir": self.weights.controlnet}
+        # A combined image (multi) has no ControlNet of its own: each unit's loads on first use.
+        folders = {"base_override": None, "controlnet_dir": self.weights.folders.get("controlnet")}
         custom = os.environ.get("COG_WEIGHTS", "").strip()
         if custom:
             key = {"base": "base_override", "controlnet": "controlnet_dir"}[self.cog_weights]
@@ -146,12 +153,7 @@ class ControlNetPredictor(BasePredictor):
         # Opt-in until GPU figures say which options win (docs/benchmarks.md); an unknown name fails setup.
         fast_options = fast.apply(pipe, fast.options_from_env())
         self.styles = StyleAssets(pipe)
-        self.runner = ControlNetRunner(
-            pipe,
-            self.detector_class().from_weights(self.weights.detector),
-            detect_at_resolution=self.detect_at_resolution,
-            map_interpolation=self.map_interpolation,
-        )
+        self.runner = self._runner(pipe)
         self._output_dir: str | None = None
         remove_on_worker_stop(lambda: [self._output_dir] if self._output_dir else [])
         if "compile" in fast_options:
@@ -166,6 +168,33 @@ class ControlNetPredictor(BasePredictor):
             f"({'tiny' if self.weights.tiny else 'real'} weights: {served})",
             flush=True,
         )
+
+    def _runner(self, pipe):
+        """The pipeline's runner and the conditions its units use. A single-condition image loads its
+        detector now (its first request waits for nothing); an image of several conditions loads each
+        detector when an image first needs it, and each ControlNet on first use, at most
+        CONTROLNET_MAX_LOADED of them kept."""
+        from models.control import Condition, ControlNets, max_controlnets_from_env
+        from models.pipeline import ControlNetRunner, load_controlnet, release_memory
+
+        self.conditions = {}
+        for name, spec in self.condition_specs().items():
+            found, cls = self.weights.of(name), spec.detector_class()
+            self.conditions[name] = Condition(
+                name, (lambda cls=cls, folder=found.detector: cls.from_weights(folder)),
+                spec.detect_at_resolution, spec.map_interpolation, getattr(cls, "map_problem", None),
+                controlnet=None if found is self.weights else found.controlnet,  # None: the pipeline's own
+            )
+        store = ControlNets(lambda folder: load_controlnet(folder, str(pipe.device)), max_controlnets_from_env(),
+                            release=release_memory)
+        runner = ControlNetRunner(pipe, condition=self.conditions.get(self.condition), controlnets=store)
+        if self.condition in self.conditions:
+            runner.detector  # noqa: B018  loads it
+        return runner
+
+    def warm_up_inputs(self, image: Path) -> dict[str, Any]:
+        """The inputs of a warm-up request besides its size, for this image's signature."""
+        return {"image": image}
 
     def _warm_up(self, fast) -> None:
         """Compile every shape in CONTROLNET_WARMUP now, so those requests never wait for compilation;
@@ -196,7 +225,7 @@ class ControlNetPredictor(BasePredictor):
                                                  outline="black", width=8)
                 path = os.path.join(folder, f"{width}x{height}.png")
                 canvas.save(path)
-                calls.append(dict(image=Path(path), prompt="warm-up", width=width, height=height,
+                calls.append(dict(self.warm_up_inputs(Path(path)), prompt="warm-up", width=width, height=height,
                                   num_samples=str(count), ddim_steps=2, seed=1))
             fast.warm_up(self.generate, calls)
             print(f"{self.condition}: compiled for {spec} in {time.perf_counter() - start:.1f}s", flush=True)
@@ -224,136 +253,33 @@ class ControlNetPredictor(BasePredictor):
                 "if it persists"
             ) from exc
 
-    def generate(
-        self,
-        image=None,
-        prompt: str = "",
-        num_samples: int | str = "1",
-        image_resolution: int | str = "512",
-        ddim_steps: int = 20,
-        scale: float = 9.0,
-        seed: int | None = None,
-        eta: float = 0.0,
-        a_prompt: str = A_PROMPT,
-        n_prompt: str = N_PROMPT,
-        detect_resolution: int = 512,
-        input_image=None,
-        controlnet_conditioning_scale: float = 1.0,
-        guess_mode: bool = False,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
-        scheduler: str = "DDIM",
-        control_image_is_map: bool = False,
-        return_control_map: bool = True,
-        preprocess_only: bool = False,
-        width: int = 0,
-        height: int = 0,
-        lora_url: str = "",
-        lora_scale: float = 1.0,
-        embedding_url: str = "",
-        embedding_token: str = "",
-        **detector_options,
-    ) -> list[Path]:
-        """The control map first (unless return_control_map is off), then the samples, as PNG files."""
+    # -- the request path: validate, plan the size, make the maps, sample, encode -------------------
+
+    def generate(self, *args, **inputs) -> list[Path]:
+        """predict()'s inputs as plain values (positional in the signature's order, or by name; the
+        registry's defaults for the rest). Returns the control maps (unless return_control_map is
+        off), then the samples, as PNG files."""
         from models.assets import AssetError
-        from models.image import InputImageError, apply_crop, load_rgb, plan_size
-        from models.pipeline import NonFiniteOutputError, Request
+        from models.image import InputImageError
+        from models.pipeline import NonFiniteOutputError
 
-        if (image is None) == (input_image is None):
-            raise ValueError("send the image as exactly one of `image` or `input_image`" if image is not None
-                             else "image is required: send it as `image` (a URL or data: URI)")
-        image = image if image is not None else input_image
-        num_samples = int(_choice("num_samples", num_samples, NUM_SAMPLES))
-        image_resolution = int(_choice("image_resolution", image_resolution, IMAGE_RESOLUTIONS))
-        scheduler = _choice("scheduler", scheduler, SCHEDULER_NAMES)
-        _in_range("ddim_steps", ddim_steps, 1, 100)
-        _in_range("scale", scale, 0.1, 30.0)
-        _in_range("eta", eta, 0.0, 1.0)
-        _in_range("detect_resolution", detect_resolution, 128, 1024)
-        _in_range("controlnet_conditioning_scale", controlnet_conditioning_scale, 0.0, 2.0)
-        _in_range("control_guidance_start", control_guidance_start, 0.0, 1.0)
-        _in_range("control_guidance_end", control_guidance_end, 0.0, 1.0)
-        if control_guidance_start >= control_guidance_end:
-            raise ValueError(
-                f"control_guidance_start ({control_guidance_start}) must be below control_guidance_end "
-                f"({control_guidance_end})"
-            )
-        _in_range("width", width, 0, 2048)
-        _in_range("height", height, 0, 2048)
-        if preprocess_only and not return_control_map:
-            raise ValueError("preprocess_only returns only the control map: leave return_control_map on")
-        # The originals drew a random seed for any falsy seed (`if not seed`), and -1 meant random
-        # in the ControlNet demos.
-        if not seed or seed < 0:
-            seed = secrets.randbelow(MAX_SEED) + 1
-        _in_range("seed", seed, 0, MAX_SEED)
-        if not prompt or not str(prompt).strip():
-            raise ValueError("prompt must not be empty")
-        _in_range("lora_scale", lora_scale, 0.0, 2.0)
-        embedding_token = (embedding_token or "").strip()
-        if bool(embedding_url) != bool(embedding_token):
-            raise ValueError("embedding_url and embedding_token go together: send both, or neither")
-        if embedding_token and (any(c.isspace() for c in embedding_token) or embedding_token.lower() in ("<|startoftext|>", "<|endoftext|>")):
-            raise ValueError(f"embedding_token must be one word without spaces, e.g. <my-style>, not {embedding_token!r}")
-
+        request = self.validate(args, inputs)
         if self.weights.tiny:
             print(self.tiny_warning())
-        print(f"Using seed: {seed}", flush=True)
+        print(f"Using seed: {request.seed}", flush=True)
         timings: dict[str, float] = {}
+        size = None
         try:
-            start = time.perf_counter()
-            lora = self.assets.fetch(lora_url, "lora_url") if lora_url and not preprocess_only else None
-            embedding = self.assets.fetch(embedding_url, "embedding_url") if embedding_url and not preprocess_only else None
-            if embedding and embedding_token not in prompt:
-                print(f"Note: the prompt does not use embedding_token {embedding_token!r}, so the embedding has no effect")
-            if lora or embedding:
-                timings["fetch assets"] = time.perf_counter() - start
-            start = time.perf_counter()
-            rgb = load_rgb(image)
-            timings["decode input"] = time.perf_counter() - start
-            plan = plan_size(*rgb.shape[:2], image_resolution, width, height)
-            out_h, out_w = plan.output
-            gen_h, gen_w = plan.generate
-            what = "control map only" if preprocess_only else f"{num_samples} sample(s), {scheduler}, {ddim_steps} steps"
-            print(
-                f"Input {rgb.shape[1]}x{rgb.shape[0]} -> {gen_w}x{gen_h}"
-                + (f", returned at {out_w}x{out_h}" if plan.output != plan.generate else "")
-                + (" (centre-cropped to that aspect)" if plan.crop else "")
-                + f"; {what}",
-                flush=True,
-            )
-            rgb = apply_crop(rgb, plan)
-            start = time.perf_counter()
-            control = self._control_map(rgb, plan.generate, control_image_is_map, detect_resolution, detector_options)
-            timings["detect"] = time.perf_counter() - start
-            samples = []
-            if not preprocess_only:
-                request = Request(
-                    prompt=f"{prompt}, {a_prompt}" if a_prompt else prompt,
-                    negative_prompt=n_prompt,
-                    num_samples=num_samples,
-                    steps=ddim_steps,
-                    guidance_scale=scale,
-                    eta=eta,
-                    seed=seed,
-                    scheduler=scheduler,
-                    conditioning_scale=controlnet_conditioning_scale,
-                    guess_mode=guess_mode,
-                    guidance_start=control_guidance_start,
-                    guidance_end=control_guidance_end,
-                )
-                start = time.perf_counter()
-                with self.styles.applied(lora, lora_url or None, lora_scale, embedding, embedding_token):
-                    if lora or embedding:
-                        timings["load LoRA/embedding"] = time.perf_counter() - start
-                    result = self.runner.generate(control, request)
-                timings.update(result.timings)
-                samples = [_resize_exact(img, out_w, out_h) for img in result.samples]
+            style = self._fetch_style(request, timings)
+            images, size = self._plan(request, timings)
+            units = self._control_maps(request, images, size.generate, timings)
+            samples = [] if request.preprocess_only else self._sample(request, units, size.output, style, timings)
         except (InputImageError, AssetError) as exc:
             if isinstance(exc, AssetError):
-                self.assets.forget(lora_url, embedding_url)  # a file that failed is not kept under its URL
+                self.assets.forget(request.lora_url, request.embedding_url)  # a failed file is not kept under its URL
             raise ValueError(str(exc)) from None
         except NonFiniteOutputError as exc:
+            lora, embedding = request.lora_url, request.embedding_url
             if lora or embedding:  # checked files can still be too strong for this model
                 used = " and ".join(name for name, given in (("lora_url", lora), ("embedding_url", embedding)) if given)
                 raise ValueError(
@@ -369,15 +295,127 @@ class ControlNetPredictor(BasePredictor):
             import torch
 
             torch.cuda.empty_cache()  # leave the server usable for the next, smaller request
+            at = f" at {size.generate[1]}x{size.generate[0]}" if size else ""
             raise ExpectedFault(
-                f"out of GPU memory for {num_samples} sample(s) at {gen_w}x{gen_h}; "
-                "ask for fewer samples or a lower resolution"
+                f"out of GPU memory for {request.num_samples} sample(s){at}; ask for fewer samples or a lower resolution"
             ) from None
+        return self._encode(request, units, samples, timings)
+
+    def validate(self, args: tuple, inputs: dict[str, Any]) -> Asked:
+        """Every input against its registry entry, then the rules that tie inputs together."""
+        names = list(self.fields)
+        if len(args) > len(names):
+            raise TypeError(f"generate() takes at most {len(names)} inputs by position, not {len(args)}")
+        values = dict(zip(names, args))
+        twice = sorted(set(values) & set(inputs))
+        unknown = sorted(set(inputs) - set(names))
+        if twice or unknown:
+            raise TypeError(f"generate(): {'unknown' if unknown else 'repeated'} input(s) {unknown or twice}; "
+                            f"{self.condition} takes {', '.join(names)}")
+        values.update(inputs)
+        for name, entry in self.fields.items():
+            values[name] = check(name, values[name], entry) if name in values else _default(entry)
+        return asked(values, self.units_asked(values))
+
+    def units_asked(self, values: dict[str, Any]) -> tuple[UnitAsk, ...]:
+        """A single-condition image's one unit, from the unit inputs among the shared ones."""
+        image, input_image = values["image"], values.get("input_image")
+        if (image is None) == (input_image is None):
+            raise ValueError("send the image as exactly one of `image` or `input_image`" if image is not None
+                             else "image is required: send it as `image` (a URL or data: URI)")
+        return (UnitAsk(
+            self.condition, image if image is not None else input_image, values["controlnet_conditioning_scale"],
+            values["control_guidance_start"], values["control_guidance_end"], values["control_image_is_map"],
+            {name: values[name] for name in self.detector_options()}, SINGLE_UNIT_INPUTS,
+        ),)
+
+    def _fetch_style(self, request: Asked, timings: dict) -> tuple:
+        """The LoRA and embedding asked for, as StyleAssets.applied() takes them (nothing to preprocess)."""
+        start = time.perf_counter()
+        wanted = not request.preprocess_only
+        lora = self.assets.fetch(request.lora_url, "lora_url") if request.lora_url and wanted else None
+        embedding = self.assets.fetch(request.embedding_url, "embedding_url") if request.embedding_url and wanted else None
+        if embedding and request.embedding_token not in request.user_prompt:
+            print(f"Note: the prompt does not use embedding_token {request.embedding_token!r}, so the embedding has no effect")
+        if lora or embedding:
+            timings["fetch assets"] = time.perf_counter() - start
+        return lora, request.lora_url or None, request.lora_scale, embedding, request.embedding_token
+
+    def _plan(self, request: Asked, timings: dict):
+        """Each unit's image decoded, the sizes planned from the first unit's, and every image
+        centre-cropped to that aspect (the first one only when an exact size asks for another)."""
+        from models.image import InputImageError, apply_crop, load_rgb, plan_size
+
+        start = time.perf_counter()
+        decoded = []
+        for unit in request.units:
+            try:
+                decoded.append(load_rgb(unit.image))
+            except InputImageError as exc:
+                name = unit.inputs["image"]
+                raise InputImageError(str(exc) if name == "image" else f"{name}: {exc}") from None
+        timings["decode input"] = time.perf_counter() - start
+        size = plan_size(*decoded[0].shape[:2], request.image_resolution, request.width, request.height)
+        (out_h, out_w), (gen_h, gen_w) = size.output, size.generate
+        what = ("control map only" if request.preprocess_only
+                else f"{request.num_samples} sample(s), {request.scheduler}, {request.steps} steps")
+        print(
+            f"Input {decoded[0].shape[1]}x{decoded[0].shape[0]} -> {gen_w}x{gen_h}"
+            + (f", returned at {out_w}x{out_h}" if size.output != size.generate else "")
+            + (" (centre-cropped to that aspect)" if size.crop else "")
+            + f"; {what}",
+            flush=True,
+        )
+        crops = [apply_crop(decoded[0], size)]
+        for rgb in decoded[1:]:
+            crops.append(apply_crop(rgb, plan_size(*rgb.shape[:2], request.image_resolution, out_w, out_h)))
+        return crops, size
+
+    def _control_maps(self, request: Asked, images: list, size: tuple[int, int], timings: dict) -> list:
+        """Each unit's map at the sample size: its detector's, or its upload's when it is a map."""
+        from models.control import ControlUnit, NotAMapError
+
+        start = time.perf_counter()
+        units = []
+        for ask, rgb in zip(request.units, images):
+            options = dict(ask.options)
+            unit = ControlUnit(self.conditions[ask.condition], rgb, ask.strength, ask.start, ask.end, ask.is_map,
+                               options.pop("detect_resolution", Inputs.detect_resolution.default), options)
+            try:
+                unit.make_map(size)
+            except NotAMapError as exc:
+                flag = ask.inputs["is_map"]
+                raise ValueError(f"{flag} is on, but {exc}. Send a {ask.condition} map, or turn {flag} off to run "
+                                 "the detector on a photo") from None
+            units.append(unit)
+        timings["detect"] = time.perf_counter() - start
+        return units
+
+    def _sample(self, request: Asked, units: list, output: tuple[int, int], style: tuple, timings: dict) -> list:
+        from models.pipeline import Request
+
+        start = time.perf_counter()
+        lora, embedding = style[0], style[3]
+        with self.styles.applied(*style):
+            if lora or embedding:
+                timings["load LoRA/embedding"] = time.perf_counter() - start
+            result = self.runner.generate(units, Request(
+                prompt=request.prompt, negative_prompt=request.negative_prompt, num_samples=request.num_samples,
+                steps=request.steps, guidance_scale=request.scale, eta=request.eta, seed=request.seed,
+                scheduler=request.scheduler, guess_mode=request.guess_mode,
+            ))
+        timings.update(result.timings)
+        return [_resize_exact(img, output[1], output[0]) for img in result.samples]
+
+    def _encode(self, request: Asked, units: list, samples: list, timings: dict) -> list[Path]:
         from PIL import Image
 
         start = time.perf_counter()
-        images = ([Image.fromarray(control)] if return_control_map else []) + samples
-        paths = self._save(images, with_map=return_control_map)
+        maps = [(ask.label, Image.fromarray(unit.map)) for ask, unit in zip(request.units, units)]
+        named = (maps if request.return_control_map else []) + [
+            (f"sample-{i}", img) for i, img in enumerate(samples, start=1)
+        ]
+        paths = self._save(named)
         timings["PNG encode"] = time.perf_counter() - start
         print(
             "Timings: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in timings.items())
@@ -386,19 +424,7 @@ class ControlNetPredictor(BasePredictor):
         )
         return paths
 
-    def _control_map(self, rgb, size, is_map: bool, detect_resolution: int, options: dict):
-        if not is_map:
-            return self.runner.control_map(rgb, size, detect_resolution, **options)
-        check = getattr(self.runner.detector, "map_problem", None)
-        problem = check(rgb) if check else None
-        if problem:
-            raise ValueError(
-                f"control_image_is_map is on, but {problem}. Send a {self.condition} map, or turn "
-                "control_image_is_map off to run the detector on a photo"
-            )
-        return self.runner.fit_map(rgb, size)
-
-    def _save(self, images, with_map: bool = True) -> list[Path]:
+    def _save(self, named) -> list[Path]:
         # Cog reads the files after predict returns, so they live until the next prediction;
         # unique names because --upload-url PUTs them by basename.
         if self._output_dir:
@@ -408,13 +434,54 @@ class ControlNetPredictor(BasePredictor):
         # The last prediction's files go with the process (or with this predictor), not left in /tmp.
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._output_dir, ignore_errors=True)
         tag = uuid.uuid4().hex[:8]
-        names = (["control"] if with_map else []) + [f"sample-{i}" for i in range(1, len(images) + 1)]
         paths = []
-        for name, img in zip(names, images):
+        for name, img in named:
             path = Path(self._output_dir) / f"{tag}-{name}.png"
             img.save(path)
             paths.append(path)
         return paths
+
+
+class MultiControlNetPredictor(ControlNetPredictor):
+    """An image that serves several conditions at once: up to MAX_UNITS units per request, each named
+    `controlnet_<n>` (a condition or none) with its own image, strength, window and is-map flag. Each
+    condition is declared by its own image's predictor; each unit's detector runs with its condition's
+    default options. The maps of the active units come first, in unit order, then the samples."""
+
+    head_inputs = SHARED_HEAD
+    tail_inputs = SHARED_CONTROLS
+
+    @classmethod
+    def condition_specs(cls) -> dict[str, type[ControlNetPredictor]]:
+        return {name: importlib.import_module(f"predictors.{name}.predict").Predictor
+                for name in weights.conditions_of(cls.condition)}
+
+    def warm_up_inputs(self, image: Path) -> dict[str, Any]:
+        return {"controlnet_1": next(iter(self.conditions)), "controlnet_1_image": image}
+
+    def units_asked(self, values: dict[str, Any]) -> tuple[UnitAsk, ...]:
+        specs = self.condition_specs()
+        units = []
+        for n in range(1, MAX_UNITS + 1):
+            names = slot_inputs(n)
+            condition, image = values[names["condition"]], values[names["image"]]
+            if condition == "none":
+                if image is not None:
+                    raise ValueError(f"{names['image']} was sent but {names['condition']} is none: set "
+                                     f"{names['condition']} to the condition of that image ({', '.join(specs)}), "
+                                     "or leave the image out")
+                continue
+            if image is None:
+                raise ValueError(f"{names['condition']} is {condition} but {names['image']} is missing: send "
+                                 f"the image for that unit (a URL or data: URI), or set {names['condition']} to none")
+            options = {name: getattr(Inputs, name).default for name in specs[condition].detector_options()}
+            units.append(UnitAsk(condition, image, values[names["strength"]], values[names["start"]],
+                                 values[names["end"]], values[names["is_map"]], options, names,
+                                 label=f"control-{n}-{condition}"))
+        if not units:
+            raise ValueError(f"no control unit: set controlnet_1 to a condition ({', '.join(specs)}) and send "
+                             "controlnet_1_image (controlnet_2 and controlnet_3 likewise)")
+        return tuple(units)
 
 
 def remove_on_worker_stop(folders) -> None:

@@ -51,7 +51,8 @@ def apply(pipe, options: Iterable[str], log: Callable[[str], None] = print) -> t
     if "vae_guard" in options:
         guard_vae(pipe, log)
     if "channels_last" in options:
-        for model in (pipe.unet, pipe.controlnet, pipe.vae):
+        # An image of several conditions has no ControlNet until a request loads one: those stay as loaded.
+        for model in (m for m in (pipe.unet, pipe.controlnet, pipe.vae) if m is not None):
             model.to(memory_format=torch.channels_last)
     if "compile" in options:
         compile_models(pipe)
@@ -130,7 +131,8 @@ def compile_models(pipe, mode: str | None = None) -> None:
     backend = os.environ.get("CONTROLNET_COMPILE_BACKEND") or "inductor"
     # dynamic=False: one graph per served shape, warmed in setup(); a new shape recompiles (logged by torch).
     pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=False, backend=backend)
-    pipe.controlnet = torch.compile(pipe.controlnet, mode=mode, dynamic=False, backend=backend)
+    if pipe.controlnet is not None:
+        pipe.controlnet = torch.compile(pipe.controlnet, mode=mode, dynamic=False, backend=backend)
     pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode=mode, dynamic=False, backend=backend)
 
 

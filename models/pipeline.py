@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.5 + one ControlNet, loaded from local folders only.
+"""Stable Diffusion 1.5 + its ControlNets (one per unit of control), loaded from local folders only.
 
 fp16 with torch SDPA attention on CUDA (diffusers' default attention processor in torch 2), fp32 on
 CPU, DDIM so that `eta` means what it meant in ControlNet 1.0, and no safety checker, like the
@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,10 +24,11 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models import default_device, quiet
-from models.image import resize_map, resize_to, target_size
+from models.control import Condition, ControlNets, ControlUnit
 
 
 def _variant(folder: Path) -> str | None:
@@ -115,24 +116,47 @@ def _tokenizer_dir(base_dir: Path, override: Path | None) -> Path:
     return base_dir / "tokenizer"
 
 
+def _dtype(device: str):
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def _load(cls, folder: Path, dtype, **kwargs):
+    return cls.from_pretrained(folder, torch_dtype=dtype, variant=_variant(folder), local_files_only=True, **kwargs)
+
+
+def load_controlnet(folder: Path, device: str, to_device: bool = True) -> ControlNetModel:
+    """A ControlNet for a pipeline already on `device` (loaded after it: on first use)."""
+    folder = Path(folder)
+    net = _load(ControlNetModel, folder, _dtype(device), use_safetensors=_safetensors(folder))
+    return net.to(device) if to_device else net
+
+
+def release_memory() -> None:
+    """Return the memory of dropped models to the device (CUDA keeps freed blocks cached otherwise)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def load_pipeline(
-    base_dir: Path, controlnet_dir: Path, device: str | None = None, base_override: Path | None = None
+    base_dir: Path, controlnet_dir: Path | None, device: str | None = None, base_override: Path | None = None
 ) -> StableDiffusionControlNetPipeline:
+    """controlnet_dir None: no ControlNet yet (each request's units bring theirs, see ControlNetRunner)."""
     device = device or default_device()
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    base_dir, controlnet_dir = Path(base_dir), Path(controlnet_dir)
+    dtype = _dtype(device)
+    base_dir = Path(base_dir)
     quiet.no_weight_loading_bar()
 
     def load(cls, folder: Path, **kwargs):
-        return cls.from_pretrained(
-            folder, torch_dtype=dtype, variant=_variant(folder), local_files_only=True, **kwargs
-        )
+        return _load(cls, folder, dtype, **kwargs)
 
     base = _base_components(base_dir, Path(base_override) if base_override else None, dtype, load)
     pipe = StableDiffusionControlNetPipeline(
         **base,
         tokenizer=CLIPTokenizer.from_pretrained(_tokenizer_dir(base_dir, base_override), local_files_only=True),
-        controlnet=load(ControlNetModel, controlnet_dir, use_safetensors=_safetensors(controlnet_dir)),
+        controlnet=load_controlnet(controlnet_dir, device, to_device=False) if controlnet_dir else None,
         # SD 1.5 ships a PNDM config; its betas, steps_offset=1 and set_alpha_to_one=False give
         # the same DDIM timesteps as ldm's sampler that ControlNet 1.0 used.
         scheduler=DDIMScheduler.from_pretrained(base_dir / "scheduler", local_files_only=True),
@@ -186,41 +210,44 @@ class Result:
 
 
 class ControlNetRunner:
-    """Control map in, samples out, on one loaded pipeline. What differs per condition is passed in.
+    """Control units in, samples out, on one loaded pipeline.
 
-    detect_at_resolution: the detector runs on the input resized to `detect_resolution` and its map is
-    resized to the sample size with `map_interpolation`; otherwise it runs on the image already at
-    the sample size (canny, scribble).
+    Built for one condition (a `condition`, or its `detector`, `detect_at_resolution` and
+    `map_interpolation`), whose map the pipeline's own ControlNet reads; `generate()` also takes a list
+    of ControlUnits, each with its own condition, whose ControlNets come from `controlnets` (loaded on
+    first use, bounded).
     """
 
     def __init__(
         self,
         pipe: StableDiffusionControlNetPipeline,
-        detector: Callable[..., np.ndarray],
+        detector: Callable[..., np.ndarray] | None = None,
         *,
-        detect_at_resolution: bool,
+        detect_at_resolution: bool = True,
         map_interpolation: str = "bilinear",
         log: Callable[[str], None] = print,
+        condition: Condition | None = None,
+        controlnets: ControlNets | None = None,
     ):
         self.pipe = pipe
-        self.detector = detector
-        self.detect_at_resolution = detect_at_resolution
-        self.map_interpolation = map_interpolation
+        self.condition = condition or Condition(
+            "", (lambda: detector), detect_at_resolution, map_interpolation, getattr(detector, "map_problem", None)
+        )
+        self.controlnets = controlnets
         self.log = log
         # Kept apart from the pipeline's scheduler: each request gets a fresh instance built from it.
         self.scheduler_config = dict(pipe.scheduler.config)
 
+    @property
+    def detector(self):
+        return self.condition.detector
+
     def control_map(self, image: np.ndarray, size: tuple[int, int], detect_resolution: int, **options) -> np.ndarray:
         """The map at `size` (height, width), computed the way this condition computes it."""
-        height, width = size
-        if not self.detect_at_resolution:
-            return self.detector(resize_to(image, height, width), **options)
-        detect_h, detect_w = target_size(*image.shape[:2], detect_resolution)
-        detected = self.detector(resize_to(image, detect_h, detect_w), **options)
-        return self.fit_map(detected, size)
+        return self.condition.detect(image, size, detect_resolution, **options)
 
     def fit_map(self, control_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        return resize_map(control_map, size[0], size[1], self.map_interpolation)
+        return self.condition.fit_map(control_map, size)
 
     def make_scheduler(self, name: str):
         """A fresh scheduler per request: multistep samplers keep per-run state that must not leak into
@@ -259,10 +286,34 @@ class ControlNetRunner:
 
         return on_step_end
 
+    def _controls(self, control: np.ndarray | Sequence[ControlUnit], request: Request) -> dict:
+        """The pipeline's ControlNet arguments for the units (one unit: a ControlNetModel and scalars, as a
+        single-ControlNet pipeline takes them; several: a MultiControlNetModel and lists in unit order).
+        A unit that acts in no step would run at scale 0 every step: it is left out (unless all are)."""
+        if isinstance(control, np.ndarray):  # a bare map: the request's strength and window
+            control = [ControlUnit(self.condition, map=control, strength=request.conditioning_scale,
+                                   start=request.guidance_start, end=request.guidance_end)]
+        units = [u for u in control if u.acts_within(request.steps)] or list(control[:1])
+        own = [u.condition.controlnet is None for u in units]
+        loaded = iter(self.controlnets.get([u.condition.controlnet for u in units if u.condition.controlnet])
+                      if not all(own) else [])
+        nets = [self.pipe.controlnet if mine else next(loaded) for mine in own]
+        size = dict(height=units[0].map.shape[0], width=units[0].map.shape[1])  # every map is at the sample size
+        if len(units) == 1:
+            unit = units[0]
+            return dict(controlnet=nets[0], image=control_image(unit.map), controlnet_conditioning_scale=unit.strength,
+                        control_guidance_start=unit.start, control_guidance_end=unit.end, **size)
+        return dict(
+            **size, controlnet=MultiControlNetModel(nets), image=[control_image(u.map) for u in units],
+            controlnet_conditioning_scale=[u.strength for u in units],
+            control_guidance_start=[u.start for u in units], control_guidance_end=[u.end for u in units],
+        )
+
     @torch.inference_mode()
-    def generate(self, control: np.ndarray, request: Request) -> Result:
+    def generate(self, control: np.ndarray | Sequence[ControlUnit], request: Request) -> Result:
+        """`control`: the units (maps made, at the sample size), or one map for the pipeline's own ControlNet."""
         pipe, timings = self.pipe, {}
-        height, width = control.shape[:2]
+        controls = self._controls(control, request)
         cfg = request.guidance_scale > 1.0
 
         start = time.perf_counter()
@@ -280,27 +331,23 @@ class ControlNetRunner:
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         start = time.perf_counter()
         scheduler, pipe.scheduler = pipe.scheduler, self.make_scheduler(request.scheduler)
+        controlnet, pipe.controlnet = pipe.controlnet, controls.pop("controlnet")
         try:
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
-                image=control_image(control),
-                height=height,
-                width=width,
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale,
                 eta=request.eta,
                 num_images_per_prompt=request.num_samples,
                 generator=generator,
-                controlnet_conditioning_scale=request.conditioning_scale,
                 guess_mode=request.guess_mode,
-                control_guidance_start=request.guidance_start,
-                control_guidance_end=request.guidance_end,
                 callback_on_step_end=self._progress(self.log),
                 output_type="latent",
+                **controls,
             ).images
         finally:
-            pipe.scheduler = scheduler
+            pipe.scheduler, pipe.controlnet = scheduler, controlnet
         _check_finite(latents, "denoising")
         timings["denoise"] = time.perf_counter() - start
 

@@ -261,12 +261,14 @@ def stage(condition: str, context: Path, found) -> Path:
 
     shutil.rmtree(context, ignore_errors=True)
     context.mkdir(parents=True)
-    others = [f"{c}.py" for c in weights.CONDITIONS if c != condition]
+    served = weights.conditions_of(condition)  # a combined image (multi) serves several, each its own predictor
+    others = [f"{c}.py" for c in weights.CONDITIONS if c not in served]
     _put(ROOT / "cog_base", context / "cog_base")
     _put(ROOT / "models", context / "models", skip=tuple(others))
     for rel in ["weights/__init__.py", "weights/manifest.json", "weights/download.py", "predictors/__init__.py"]:
         _put(ROOT / rel, context / rel)
-    _put(ROOT / "predictors" / condition, context / "predictors" / condition, skip=("cog.yaml",))
+    for name in dict.fromkeys((condition, *served)):
+        _put(ROOT / "predictors" / name, context / "predictors" / name, skip=("cog.yaml",))
     _put(cog_yaml(condition), context / "cog.yaml")
     requirements = [
         line for line in (ROOT / "requirements.txt").read_text().splitlines() if not line.startswith("cog==")
@@ -274,7 +276,7 @@ def stage(condition: str, context: Path, found) -> Path:
     (context / "requirements.txt").write_text("\n".join(requirements) + "\n")
     (context / ".dockerignore").write_text(DOCKERIGNORE)
     (context / "Dockerfile").write_text(dockerfile(condition))
-    for folder in found.folders.values():
+    for folder in dict.fromkeys(found.folders.values()):
         _put(folder, context / "weights" / folder.relative_to(weights.root()), link=True)
     return context
 

@@ -116,7 +116,7 @@ def render(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("condition", choices=weights.CONDITIONS)
+    parser.add_argument("condition", choices=weights.IMAGES)
     parser.add_argument("--image", help="image reference (default controlnet-<condition>)")
     parser.add_argument("--weights-claim", help="mount this PersistentVolumeClaim at /weights instead of baked weights")
     parser.add_argument("--node-selector", type=node_label, action="append", default=[],

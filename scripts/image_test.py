@@ -211,10 +211,19 @@ def sample_image() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def predict(port: int) -> tuple[float, list]:
+def image_inputs(condition: str) -> dict:
+    """Where the sample image goes: `image`, or the first unit of an image of several conditions (multi)."""
+    import weights
+
+    if condition in weights.COMBINED:
+        return {"controlnet_1": weights.COMBINED[condition][0], "controlnet_1_image": sample_image()}
+    return {"image": sample_image()}
+
+
+def predict(port: int, condition: str = "canny") -> tuple[float, list]:
     from PIL import Image
 
-    body = {"input": {"image": sample_image(), "prompt": "a house", "image_resolution": "256",
+    body = {"input": {**image_inputs(condition), "prompt": "a house", "image_resolution": "256",
                       "ddim_steps": 2, "seed": 7, "num_samples": "1"}}
     started = time.monotonic()
     answer = http_json(f"http://127.0.0.1:{port}/predictions", body, timeout=600)
@@ -290,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"READY after {figures['ready_s']} s")
         check_labels(tag, port)
         log("labels: run.cog.config, run.cog.version and run.cog.openapi_schema (the served schema) are there")
-        figures["predict_s"], figures["sizes"] = predict(port)
+        figures["predict_s"], figures["sizes"] = predict(port, args.condition)
         figures["predict_s"] = round(figures["predict_s"], 1)
         log(f"prediction: map + sample {figures['sizes'][0]} in {figures['predict_s']} s")
         started = time.monotonic()

@@ -195,13 +195,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="an input, KEY=VALUE, typed by the served schema; files as KEY=@path")
     args = parser.parse_args(argv)
     url = args.url or f"http://127.0.0.1:{args.port}"
-    inputs = parse_inputs(args.inputs, input_schema(url))
-    if args.image:
-        inputs.setdefault("image", encode_image(args.image))
+    props = input_schema(url)
+    inputs = parse_inputs(args.inputs, props)
+    # The image inputs, in schema order: `image` (hed also `input_image`), or multi's controlnet_<n>_image.
+    images = [name for name, prop in props.items() if prop.get("format") == "uri"]
+    if args.image and images:
+        inputs.setdefault(images[0], encode_image(args.image))
     if args.prompt:
         inputs.setdefault("prompt", args.prompt)
-    if "image" not in inputs and "input_image" not in inputs:
-        raise SystemExit('an image is required: make predict COND=canny IMAGE=photo.png PROMPT="..." (or -i image=@photo.png)')
+    if not any(name in inputs for name in images):
+        raise SystemExit('an image is required: make predict COND=canny IMAGE=photo.png PROMPT="..." (or -i image=@photo.png; '
+                         'multi: ARGS="-i controlnet_1=canny")')
     stem = f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = predict(url, inputs, args.out, stem)
     print("\n".join(f"wrote {p}" for p in paths))

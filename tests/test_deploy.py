@@ -37,7 +37,7 @@ def test_release_workflow_tests_then_builds_and_pushes_every_condition():
     flow = yaml.safe_load(WORKFLOW.read_text())
     image = flow["jobs"]["image"]
     assert image["needs"] == "test" and ".ci/run" in str(flow["jobs"]["test"]["steps"])
-    assert sorted(image["strategy"]["matrix"]["condition"]) == sorted(weights.CONDITIONS)
+    assert sorted(image["strategy"]["matrix"]["condition"]) == sorted(weights.IMAGES)
     runs = [step.get("run", "") for step in image["steps"]]
     order = [next(i for i, run in enumerate(runs) if word in run)
              for word in ("make weights", "scripts.build_image", "cog build --separate-weights", "cog push")]
@@ -54,7 +54,7 @@ def knative_validator():
 
 
 @pytest.mark.parametrize("claim", [None, "controlnet-weights"])
-@pytest.mark.parametrize("condition", weights.CONDITIONS)
+@pytest.mark.parametrize("condition", weights.IMAGES)
 def test_manifests_are_valid_and_serve_one_prediction_per_gpu_pod(condition, claim):
     files = render(condition, image=f"r.example/controlnet-{condition}:1", weights_claim=claim)
     (service,) = files["knative.yaml"]

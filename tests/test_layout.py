@@ -16,22 +16,24 @@ from scripts.cog_config import MIN_COG_CLI, field, has_field, pinned_sdk
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_conditions_match_the_predictors_folders():
+def test_images_match_the_predictors_folders():
     folders = sorted(p.name for p in (ROOT / "predictors").iterdir() if (p / "predict.py").is_file())
-    assert folders == sorted(weights.CONDITIONS)
+    assert folders == sorted(weights.IMAGES)
+    for image, served in weights.COMBINED.items():  # a combined image serves conditions that have images
+        assert set(served) <= set(weights.CONDITIONS) and image not in weights.CONDITIONS
 
 
 def test_readme_table_lists_every_condition_once():
     rows = re.findall(r"^\| `(\w+)` \|", (ROOT / "README.md").read_text(), flags=re.MULTILINE)
     conditions = [row for row in rows if (ROOT / "predictors" / row).is_dir()]
-    assert sorted(conditions) == sorted(weights.CONDITIONS)
+    assert sorted(conditions) == sorted(weights.IMAGES)
 
 
 def test_every_cog_yaml_pins_the_sdk_and_requirements_the_tests_use():
     import cog
 
     assert cog.__version__ == pinned_sdk()
-    for condition in weights.CONDITIONS:
+    for condition in weights.IMAGES:
         assert field(condition, "sdk_version") == pinned_sdk()
         assert field(condition, "python_requirements") == "requirements.txt"
         assert field(condition, "gpu") == "true"
@@ -68,10 +70,10 @@ def stage(tmp_path, condition, *extra, env=None, path=None):
     )
 
 
-@pytest.mark.parametrize("condition", weights.CONDITIONS)
+@pytest.mark.parametrize("condition", weights.IMAGES)
 def test_make_image_stages_only_this_condition(tmp_path, condition):
     weights_root = tmp_path / "weights"
-    for other in weights.CONDITIONS:  # every condition's weights present: only its own may travel
+    for other in weights.IMAGES:  # every condition's weights present: only its own may travel
         if other != condition:
             fake_real_weights(weights_root, other)
     fake_real_weights(weights_root, condition)
@@ -82,14 +84,15 @@ def test_make_image_stages_only_this_condition(tmp_path, condition):
     assert "cog==" not in (context / "requirements.txt").read_text()
     assert "torch==" in (context / "requirements.txt").read_text()
     assert sorted(p.name for p in (context / "weights").iterdir() if p.is_dir()) == sorted(
-        weights.components(condition).values()
+        set(weights.components(condition).values())
     )
-    assert sorted(p.name for p in (context / "predictors").iterdir() if p.is_dir()) == [condition]
+    served = set(weights.conditions_of(condition))  # multi: every condition it combines, each its predictor
+    assert sorted(p.name for p in (context / "predictors").iterdir() if p.is_dir()) == sorted(served | {condition})
     assert (context / f"predictors/{condition}/predict.py").is_file()
-    assert not (context / f"predictors/{condition}/cog.yaml").exists()
+    assert not list((context / "predictors").glob("*/cog.yaml"))
     assert (context / "cog_base/predictor.py").is_file()
     detectors = {p.stem for p in (context / "models/detectors").glob("*.py")}
-    assert condition in detectors and not detectors & (set(weights.CONDITIONS) - {condition})
+    assert served <= detectors and not detectors & (set(weights.CONDITIONS) - served)
     assert f"ENV COG_PREDICT_TYPE_STUB=predictors/{condition}/predict.py:Predictor" in (context / "Dockerfile").read_text()
 
 
@@ -172,7 +175,7 @@ def test_the_generated_dockerfile_follows_cogs_order_and_shares_its_dependency_l
     from scripts.build_image import DEPS_END, dockerfile
 
     heads = set()
-    for condition in weights.CONDITIONS:
+    for condition in weights.IMAGES:
         text = dockerfile(condition)
         head, tail = text.split(DEPS_END)
         heads.add(head)
@@ -189,7 +192,7 @@ def test_the_generated_dockerfile_follows_cogs_order_and_shares_its_dependency_l
 def test_gpu_configs_name_the_cuda_of_the_pinned_torch():
     import torch
 
-    for condition in weights.CONDITIONS:
+    for condition in weights.IMAGES:
         assert field(condition, "cuda") == ".".join(torch.version.cuda.split(".")[:2])
 
 

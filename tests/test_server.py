@@ -34,7 +34,9 @@ def test_health_check_is_ready_and_start_up_says_tiny_weights(server):
 def test_schema_has_the_shared_inputs_then_the_declared_extras(server):
     schema, inputs = schema_inputs(server)
     props = inputs["properties"]
-    assert list(props) == [*JAGILLEY_INPUTS, *predictor_class(server.condition).extra_inputs, *CONTROLS]
+    cls = predictor_class(server.condition)
+    assert (cls.head_inputs, cls.tail_inputs) == (JAGILLEY_INPUTS, CONTROLS)  # multi: tests/test_multi.py
+    assert list(props) == [*cls.head_inputs, *cls.extra_inputs, *cls.tail_inputs]
     # hed also takes `input_image` (jagilley's published hed name), so its `image` is optional.
     required = ["prompt"] if "input_image" in props else ["image", "prompt"]
     assert sorted(inputs.get("required", [])) == required

@@ -189,3 +189,16 @@ def test_download_accepts_files_with_the_manifests_sha256(tmp_path, monkeypatch)
     monkeypatch.setitem(weights.MANIFEST["components"][name], "sha256", digests)
     download.download_component(name, tmp_path / name)
     assert weights.is_complete(tmp_path / name, name, tiny=False)
+
+
+def test_a_combined_image_carries_every_condition_it_serves_and_gives_each_its_own_folders():
+    found = weights.locate("multi", prefer="tiny")
+    assert set(found.folders.values()) == {
+        found.base.parent / name for c in weights.COMBINED["multi"] for name in weights.components(c).values()}
+    seg = found.of("seg")
+    assert (seg.controlnet.name, seg.detector.name) == (weights.components("seg")["controlnet"],
+                                                        weights.components("seg")["detector"])
+    assert found.of("canny").detector is None and found.of("canny").base == found.base
+    with pytest.raises(ValueError, match="serves no condition 'custom'"):
+        found.of("custom")
+    assert weights.conditions_of("canny") == ("canny",)

@@ -17,6 +17,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MANIFEST = json.loads((HERE / "manifest.json").read_text())
 CONDITIONS: tuple[str, ...] = tuple(MANIFEST["conditions"])
+# Images that serve several conditions (each a ControlNet unit of a request): name -> its conditions.
+COMBINED: dict[str, tuple[str, ...]] = {name: tuple(conds) for name, conds in MANIFEST.get("combined", {}).items()}
+# Every image this repo builds: one per condition, then the combined ones.
+IMAGES: tuple[str, ...] = CONDITIONS + tuple(COMBINED)
 MARKER = ".complete.json"
 TINY = "tiny"
 # Bumped whenever weights/tiny.py writes something different (2: word-level tokenizer), so tiny
@@ -32,10 +36,24 @@ def root() -> Path:
     return Path(os.environ.get("CONTROLNET_WEIGHTS_DIR", HERE)).resolve()
 
 
+def conditions_of(image: str) -> tuple[str, ...]:
+    """The conditions an image serves: its own, or a combined image's list."""
+    if image in COMBINED:
+        return COMBINED[image]
+    if image not in MANIFEST["conditions"]:
+        raise ValueError(f"unknown condition {image!r}; known: {', '.join(IMAGES)}")
+    return (image,)
+
+
 def components(condition: str) -> dict[str, str]:
-    """Role -> component name (base, controlnet and, for conditions that have one, detector)."""
-    if condition not in MANIFEST["conditions"]:
-        raise ValueError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
+    """Role -> component name (base, controlnet and, for conditions that have one, detector). A
+    combined image's roles are `<condition>.controlnet` / `<condition>.detector` beside the one base."""
+    if condition in COMBINED:
+        roles = {"base": components(COMBINED[condition][0])["base"]}
+        for cond in COMBINED[condition]:
+            roles.update({f"{cond}.{role}": name for role, name in components(cond).items() if role != "base"})
+        return roles
+    conditions_of(condition)  # an unknown name is an error that lists the known ones
     return {role: name for role, name in MANIFEST["conditions"][condition].items() if name}
 
 
@@ -84,6 +102,16 @@ class WeightSet:
     def detector(self) -> Path | None:
         return self.folders.get("detector")
 
+    def of(self, condition: str) -> "WeightSet":
+        """One condition's folders (base, controlnet, detector): itself for a single-condition image."""
+        if condition == self.condition:
+            return self
+        prefix = f"{condition}."
+        own = {role[len(prefix):]: folder for role, folder in self.folders.items() if role.startswith(prefix)}
+        if not own:
+            raise ValueError(f"{self.condition} serves no condition {condition!r}")
+        return WeightSet(condition, self.tiny, {"base": self.base, **own})
+
 
 def _folders(condition: str, tiny: bool) -> dict[str, Path] | None:
     base = root() / TINY if tiny else root()
@@ -104,7 +132,7 @@ def locate(condition: str, prefer: str | None = None) -> WeightSet:
         if folders is not None:
             return WeightSet(condition, tiny, folders)
     missing = ", ".join(
-        str(root() / name) for name in components(condition).values() if not is_complete(root() / name, name, False)
+        str(root() / name) for name in dict.fromkeys(components(condition).values()) if not is_complete(root() / name, name, False)
     )
     fixes = {
         "real": f"`make weights COND={condition}` (downloads the real weights; needs internet)",

@@ -86,9 +86,9 @@ def check_digests(name: str, what: str, dest: Path, expected: dict[str, str]) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("condition", choices=weights.CONDITIONS)
+    parser.add_argument("condition", choices=weights.IMAGES)
     args = parser.parse_args(argv)
-    for name in weights.components(args.condition).values():
+    for name in dict.fromkeys(weights.components(args.condition).values()):  # multi: MiDaS serves two conditions
         download_component(name, weights.root() / name)
     print(f"weights for {args.condition} are in {weights.root()}")
 

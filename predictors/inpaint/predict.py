@@ -12,15 +12,15 @@ class Predictor(ControlNetPredictor):
     detector = "models.detectors.inpaint:InpaintDetector"
     detect_at_resolution = False  # the map is the upload (and its mask) at the sample size
 
-    def generate(self, image=None, *args, width=0, height=0, image_resolution="512", **kwargs):
+    def units_asked(self, values):
         # The mask is the upload's alpha channel, which decoding the image composites away: read it here
         # and hand it to the detector as its option.
         from models.detectors.inpaint import request_mask
 
-        mask = request_mask(image, image_resolution, width, height) if image is not None else None
-        return super().generate(
-            image, *args, width=width, height=height, image_resolution=image_resolution, mask=mask, **kwargs
-        )
+        units = super().units_asked(values)
+        unit = units[0]
+        unit.options["mask"] = request_mask(unit.image, values["image_resolution"], values["width"], values["height"])
+        return units
 
     def predict(
         self,

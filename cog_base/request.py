@@ -1,0 +1,129 @@
+"""A request, validated once from the registry's own bounds and choices into one plain object.
+
+Cog checks the same bounds over HTTP (422); this check is for every other caller of `generate()`
+(tests, the warm-up, the benchmark) and for the rules that tie inputs together, which Cog's schema
+cannot say. The later steps take an `Asked` and trust it. Imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_SEED = 2**32 - 1
+
+
+def _bounds(entry) -> tuple[Any, Any]:
+    low = next((m.ge for m in entry.metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in entry.metadata if hasattr(m, "le")), None)
+    return low, high
+
+
+def check(name: str, value: Any, entry) -> Any:
+    """`value` against the registry entry `entry` (a Cog Input): its choices, or its ge/le bounds. A
+    choice comes back as the string the schema lists; an optional input left empty passes."""
+    choices = (entry.json_schema_extra or {}).get("enum")
+    if choices is not None:
+        if str(value) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+        return str(value)
+    low, high = _bounds(entry)
+    if low is None and high is None or (value is None and entry.default is None):
+        return value
+    try:
+        inside = value is not None and (low is None or value >= low) and (high is None or value <= high)
+    except TypeError:
+        inside = False
+    if not inside:
+        raise ValueError(f"{name} must be between {low} and {high}, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class UnitAsk:
+    """One unit of control as asked. `image` is the upload (a path), `options` the detector's own
+    options (detect_resolution among them), `inputs` the client's names for the unit's fields (for
+    messages), `label` the name of its map's output file."""
+
+    condition: str
+    image: Any
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    is_map: bool = False
+    options: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    label: str = "control"
+
+
+# How a single-condition image names its one unit's fields.
+SINGLE_UNIT_INPUTS = dict(image="image", strength="controlnet_conditioning_scale", start="control_guidance_start",
+                          end="control_guidance_end", is_map="control_image_is_map")
+
+
+def slot_inputs(n: int) -> dict:
+    """How the multi image names unit n's fields."""
+    return dict(condition=f"controlnet_{n}", image=f"controlnet_{n}_image",
+                strength=f"controlnet_{n}_conditioning_scale", start=f"controlnet_{n}_start", end=f"controlnet_{n}_end",
+                is_map=f"controlnet_{n}_image_is_map")
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A validated request: the units, then everything the pipeline and the encoder need."""
+
+    units: tuple[UnitAsk, ...]
+    prompt: str  # as the model reads it: the prompt, then a_prompt
+    user_prompt: str
+    negative_prompt: str
+    num_samples: int
+    image_resolution: int
+    steps: int
+    scale: float
+    seed: int
+    eta: float
+    scheduler: str
+    guess_mode: bool
+    return_control_map: bool
+    preprocess_only: bool
+    width: int
+    height: int
+    lora_url: str
+    lora_scale: float
+    embedding_url: str
+    embedding_token: str
+
+
+def asked(values: dict[str, Any], units: tuple[UnitAsk, ...]) -> Asked:
+    """The shared inputs' rules beyond single bounds (each value already passed `check`)."""
+    for unit in units:
+        if unit.start >= unit.end:
+            raise ValueError(
+                f"{unit.inputs['start']} ({unit.start}) must be below {unit.inputs['end']} ({unit.end})"
+            )
+    if values["preprocess_only"] and not values["return_control_map"]:
+        raise ValueError("preprocess_only returns only the control map: leave return_control_map on")
+    prompt = values["prompt"]
+    if not prompt or not str(prompt).strip():
+        raise ValueError("prompt must not be empty")
+    token = (values["embedding_token"] or "").strip()
+    if bool(values["embedding_url"]) != bool(token):
+        raise ValueError("embedding_url and embedding_token go together: send both, or neither")
+    if token and (any(c.isspace() for c in token) or token.lower() in ("<|startoftext|>", "<|endoftext|>")):
+        raise ValueError(f"embedding_token must be one word without spaces, e.g. <my-style>, not {token!r}")
+    seed = values["seed"]
+    # The originals drew a random seed for any falsy seed (`if not seed`), and -1 meant random in the
+    # ControlNet demos.
+    if not seed or seed < 0:
+        seed = secrets.randbelow(MAX_SEED) + 1
+    a_prompt = values["a_prompt"]
+    return Asked(
+        units=units, prompt=f"{prompt}, {a_prompt}" if a_prompt else prompt, user_prompt=prompt,
+        negative_prompt=values["n_prompt"], num_samples=int(values["num_samples"]),
+        image_resolution=int(values["image_resolution"]), steps=values["ddim_steps"], scale=values["scale"], seed=seed,
+        eta=values["eta"], scheduler=values["scheduler"], guess_mode=values["guess_mode"],
+        return_control_map=values["return_control_map"], preprocess_only=values["preprocess_only"],
+        width=values["width"], height=values["height"], lora_url=values["lora_url"], lora_scale=values["lora_scale"],
+        embedding_url=values["embedding_url"], embedding_token=token,
+    )
