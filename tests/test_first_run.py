@@ -42,11 +42,14 @@ def test_make_help_is_aligned_and_names_its_variables():
     ("predict IMAGE=x.png", "--port 6123"),
 ])
 def test_every_target_that_starts_a_server_takes_port(target, expected):
-    dry = subprocess.run(["make", "-n", *target.split(), "PORT=6123"], cwd=ROOT, capture_output=True, text=True, check=True)
+    # Under `make test` the suite runs inside make: a nested make would add "Leaving directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    dry = subprocess.run(["make", "-n", *target.split(), "PORT=6123"], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env=env)
     assert expected in dry.stdout.splitlines()[-1]
     if target not in ("serve", "predict IMAGE=x.png"):  # those two default to 5000; the others to a free port
         plain = subprocess.run(["make", "-n", *target.split()], cwd=ROOT, capture_output=True, text=True, check=True,
-                               env={k: v for k, v in os.environ.items() if k != "PORT"})
+                               env={k: v for k, v in env.items() if k != "PORT"})
         assert expected.split()[0].split("=")[0] + ("" if "=" in expected else " ") not in plain.stdout.splitlines()[-1]
 
 
