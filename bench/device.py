@@ -6,6 +6,8 @@ Phases, in the order of what matters most if the run is cut short (docs/benchmar
   eager     each eager fast-path option alone, then all of them, through setup() (CONTROLNET_FAST)
   server    the real Cog server: launch to READY, first prediction, HTTP overhead
   samples4  num_samples 4: images/s and peak GPU memory
+  units     the multi image with 1, 2 and 3 ControlNet units (canny, depth, seg; maps sent as maps, so no
+            detector runs): median per row and the cost of each added unit
   compile   torch.compile (mode "default") at the served shape, compile time reported
 `--heavy` (a second, separate call) instead runs a short reference (baseline and plain served at the
 headline steps, for the ratios and the exactness check) and the compile-heavy modes: max-autotune
@@ -33,6 +35,10 @@ from types import SimpleNamespace
 
 from bench import run as bench
 
+# The multi image's units, in order (the units phase times the first 1, 2, 3). Each is sent its map
+# (controlnet_N_image_is_map), so the rows time ControlNets, not detectors: canny's map is cheap to make
+# here (OpenCV), depth's is any grey image, seg's flat areas of palette colours.
+UNITS = ("canny", "depth", "seg")
 EAGER = ("negcache", "vae_guard", "channels_last", "negcache,vae_guard,channels_last")
 # (options, torch.compile mode): the first run's compile; --heavy's.
 COMPILE = (("all", "default"),)
@@ -46,12 +52,12 @@ HEAVY = (("all", "reduce-overhead"), ("all", "max-autotune"), ("all", "max-autot
 # (no GPU has run this yet): replace them with the took_s of each phase in the first run's results.json.
 PROFILES = {
     "full": dict(steps=[20, 30, 50], runs=20, fit_runs=5, warmup=3, stage_runs=10, resolution=512, backend="inductor",
-                 cost=dict(baseline=45, served=75, eager=15, server=75, samples4=20, compile=150, reference=20,
+                 cost=dict(baseline=45, served=75, eager=15, server=75, samples4=20, units=45, compile=150, reference=20,
                            heavy=330)),
     # tiny compiles with aot_eager: Dynamo's and AOTAutograd's graph capture on this torch, without
     # Inductor's C++ builds (over 7 minutes on 2 busy cores); the GPU's Triton kernels are not rehearsed.
     "tiny": dict(steps=[2, 1], runs=1, fit_runs=1, warmup=0, stage_runs=1, resolution=256, backend="aot_eager",
-                 cost=dict(baseline=10, served=15, eager=5, server=40, samples4=5, compile=60, reference=10,
+                 cost=dict(baseline=10, served=15, eager=5, server=40, samples4=5, units=30, compile=60, reference=10,
                            heavy=120)),
 }
 
@@ -132,10 +138,11 @@ class Run:
                     seed=bench.SEED, eta=0.0, low_threshold=100, high_threshold=200, ddim_steps=steps,
                     num_samples=samples)
 
-    def predictor(self, record: dict, fast: str = "", **env):
-        """A fresh canny Predictor set up as the server would, with CONTROLNET_FAST=fast (and env)."""
-        from predictors.canny.predict import Predictor
+    def predictor(self, record: dict, fast: str = "", image: str = "canny", **env):
+        """A fresh Predictor of `image` set up as the server would, with CONTROLNET_FAST=fast (and env)."""
+        import importlib
 
+        Predictor = importlib.import_module(f"predictors.{image}.predict").Predictor
         settings = {"CONTROLNET_FAST": fast, **env}
         saved = {name: os.environ.get(name) for name in settings}
         os.environ.update(settings)
@@ -229,6 +236,67 @@ class Run:
         if self.cuda:
             record["peak_gpu_mib"] = self.torch.cuda.max_memory_allocated() / 2**20
 
+    def unit_maps(self) -> dict[str, Path]:
+        """Each unit's map at the input image's size (so the size plan is the served one)."""
+        import numpy as np
+        from PIL import Image
+
+        from models.detectors.canny import CannyDetector
+        from models.detectors.seg import ADE20K_PALETTE
+        from models.image import load_rgb
+
+        rgb = load_rgb(self.image)
+        height, width = rgb.shape[:2]
+        seg = np.empty_like(rgb)
+        for i, rows in enumerate(np.array_split(np.arange(height), 2)):
+            for j, cols in enumerate(np.array_split(np.arange(width), 2)):
+                seg[np.ix_(rows, cols)] = ADE20K_PALETTE[1 + 2 * i + j]
+        maps = {"canny": CannyDetector()(rgb), "depth": np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2),
+                "seg": seg}
+        paths = {}
+        for name in UNITS:
+            paths[name] = self.args.work / f"map-{name}.png"
+            Image.fromarray(maps[name].astype(np.uint8)).save(paths[name])
+        return paths
+
+    def units(self, record: dict) -> None:
+        """The multi image with the first 1, 2, 3 of UNITS: same prompt, shape, steps and seed."""
+        from PIL import Image
+
+        from bench import weights as bench_weights
+
+        start = time.time()
+        bench_weights.write(self.root, device="cuda" if self.cuda else "cpu", size=self.args.size, image="multi")
+        record["weights_s"] = round(time.time() - start, 1)
+        maps = self.unit_maps()
+        # At least as many ControlNets kept as units: the rows must not time reloads.
+        predictor = self.predictor(record, image="multi", CONTROLNET_MAX_LOADED=str(len(UNITS)))
+        kwargs = {k: v for k, v in self.kwargs(self.head).items() if k not in ("image", "low_threshold", "high_threshold")}
+        record.update(conditions=list(UNITS), rows={})
+        previous = None
+        for k in range(1, len(UNITS) + 1):
+            inputs = dict(kwargs, return_control_map=False)  # the uploaded maps would come back as they went
+            for n, condition in enumerate(UNITS[:k], 1):
+                inputs.update({f"controlnet_{n}": condition, f"controlnet_{n}_image": maps[condition],
+                               f"controlnet_{n}_image_is_map": True})
+            if self.cuda:
+                self.torch.cuda.reset_peak_memory_stats()
+            # At least one warm-up: a unit's first use loads its ControlNet.
+            row = bench.repeat(lambda: predictor.generate(**inputs), self.clock.wall, max(1, self.profile.warmup),
+                               max(1, self.profile.runs // 2))
+            if self.cuda:
+                row["peak_gpu_mib"] = self.torch.cuda.max_memory_allocated() / 2**20
+            if previous is not None:
+                row["added_ms"] = row["median_ms"] - previous
+            previous = row["median_ms"]
+            if k == 1:
+                with Image.open(predictor.generate(**inputs)[-1]) as sample:
+                    record["sample_size"] = f"{sample.width}x{sample.height}"
+            record["rows"][f"{k} unit{'s' if k > 1 else ''} ({' + '.join(UNITS[:k])})"] = row
+            print(f"  {k} units: {row}", flush=True)
+        medians = [r["median_ms"] for r in record["rows"].values()]
+        record["per_added_unit_ms"] = (medians[-1] - medians[0]) / (len(medians) - 1)
+
     def compiled(self, record: dict, options: str, mode: str) -> None:
         if self.profile.backend != "inductor":
             mode = "default"  # the only mode other backends take; the rehearsal checks the plumbing, not Inductor
@@ -253,7 +321,7 @@ class Run:
         from PIL import Image
 
         a = self.args
-        root = (a.weights_root or a.work / f"weights-{a.size}").resolve()
+        root = self.root = (a.weights_root or a.work / f"weights-{a.size}").resolve()
         start = time.time()
         # Kept from an earlier call on the same machine (the --heavy call after the main one, warm).
         reused = all((weights.marker(root / name) or {}).get("size") == a.size
@@ -288,6 +356,7 @@ class Run:
             self.phase(f"eager {options}", "eager", self.eager, options)
         self.phase("server", "server", self.server)
         self.phase("samples4", "samples4", self.samples4)
+        self.phase("units", "units", self.units)
         for options, mode in COMPILE:
             self.phase(f"compile {options} {mode}", "compile", self.compiled, options, mode)
 
@@ -392,6 +461,16 @@ def markdown(r: dict) -> str:
                          f"{_ratio(served, p, head)} | {_ratio(base, p, head)} | {_match(p.get('match'))} |")
         lines += ["", f"Compiled variants are warmed in setup() at {r.get('sample_size')} (CONTROLNET_WARMUP), "
                   "from an empty Inductor cache; compile s = their setup less the plain setup."]
+    units = phases.get("units", {})
+    if units.get("rows"):
+        lines += ["", f"#### Control units (the multi image, {steps[0]} steps, maps sent as maps: no detector runs)", "",
+                  "| units | median ms | p90 ms | min ms | runs | added by the last unit (ms) |", "|---|---|---|---|---|---|"]
+        lines += [_row(name, s) + (f" {s['added_ms']:.1f} |" if "added_ms" in s else " - |")
+                  for name, s in units["rows"].items()]
+        if "per_added_unit_ms" in units:
+            lines += ["", f"Each added unit costs {units['per_added_unit_ms']:.1f} ms (median, 1 to "
+                      f"{len(units['rows'])} units, sample {units.get('sample_size', '?')}, seed {bench.SEED}); "
+                      f"multi setup {units['setup_ms'] / 1e3:.2f} s."]
     if served and served.get("stages"):
         lines += ["", f"#### Stages ({steps[0]} steps, {'CUDA events' if 'gpu' in versions else 'perf_counter'})", "",
                   "| stage | median ms | p90 ms | min ms | runs |", "|---|---|---|---|---|"]

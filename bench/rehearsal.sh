@@ -2,8 +2,9 @@
 # make gpu-rehearsal (CI): bench/device.sh end to end here, as it will run on the GPU machine, but tiny
 # and on the CPU: the GPU machine's Python 3.12 packages (bench/gpu-venv.sh, bench/gpu-machine.lock),
 # the carried bundle (make gpu-bundle) installed the way device.sh installs it there, both calls (the
-# main one and --heavy). Fails if a call fails, a phase does not finish, or a result file is missing
-# or would not come back from the device tool (at most 8 files, 16 MiB each, plain names).
+# main one and --heavy). Fails if a call fails, a phase does not finish or never ran (the units phase's
+# three rows included), or a result file is missing or would not come back from the device tool (at
+# most 8 files, 16 MiB each, plain names).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -45,6 +46,15 @@ for call, files, required in (("main", {"benchmarks.md", "results.json", "machin
                 problems.append(f"{call}: phase {name} {phase['status']} {phase.get('why') or phase.get('error', '')}")
         if required and not required <= set(phases):
             problems.append(f"{call}: phases {sorted(required - set(phases))} never ran")
+        if call == "main":  # the last phases must have run too, not just those that ran have passed
+            for name in ("samples4", "units", "compile all default"):
+                if name not in phases:
+                    problems.append(f"main: phase {name} never ran")
+            rows = phases.get("units", {}).get("rows", {})
+            if len(rows) != 3 or "per_added_unit_ms" not in phases.get("units", {}):
+                problems.append(f"main: units timed {sorted(rows)}, not 1, 2 and 3 units")
+            if "benchmarks.md" in found and "#### Control units" not in (folder / "benchmarks.md").read_text():
+                problems.append("main: benchmarks.md has no control-units table")
 for problem in problems:
     print(f"REHEARSAL: {problem}", file=sys.stderr)
 sys.exit(1 if problems else 0)

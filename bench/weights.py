@@ -9,6 +9,14 @@ on the weight values; the images are noise.
 The models are built and cast on `--device` (default: the GPU when there is one): on a GPU the random
 init of 1.4 G parameters takes seconds, against about a minute on 2 CPU cores. `--size tiny` writes the
 same layout and markers from the same configs shrunk (bench/device.sh's CPU rehearsal).
+
+`--image multi` writes what the multi image needs beside them (bench/device.py's units phase): every
+v1.0 ControlNet has canny's architecture and speed does not depend on the weight values, so each other
+condition's ControlNet is canny's random file hard-linked under its own name and marker (no parameters
+to make, no gigabytes to write: instant on any machine). `weights.locate("multi")` wants every component
+complete, detectors included, though the bench never runs them (its units send maps, image_is_map): each
+detector is the small random version its class writes for the tests (save_random), in the real format,
+made on the CPU (its class loads it from there), marked `stand_in` so nobody mistakes its size.
 """
 
 from __future__ import annotations
@@ -78,18 +86,43 @@ def write_controlnet(folder: Path, size: str = "full") -> dict[str, int]:
     return {"controlnet": _save(ControlNetModel.from_config(config("sd-controlnet-canny", size)), folder, None)}
 
 
+def link_controlnet(folder: Path, source: Path) -> dict[str, int]:
+    """Canny's random ControlNet under another component's name: its files hard-linked (copied where
+    links are refused), so the multi image loads a model of its own from its own folder."""
+    folder.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.name == weights.MARKER:
+            continue
+        try:
+            os.link(file, folder / file.name)
+        except OSError:
+            shutil.copy2(file, folder / file.name)
+    return {}
+
+
+def write_detector(folder: Path, name: str) -> dict[str, int]:
+    from weights.tiny import write_detector as small_random
+
+    small_random(folder, name)
+    return {}
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def write(root: Path, force: bool = False, device: str | None = None, size: str = "full") -> dict[str, int]:
+def write(root: Path, force: bool = False, device: str | None = None, size: str = "full",
+          image: str = CONDITION) -> dict[str, int]:
+    """The components of `image` (canny, or multi: canny's first, the other ControlNets link to it)."""
     if Path(root).resolve() == weights.HERE:
         # Random weights with real markers there would be served as the real model.
         raise SystemExit(f"refusing to write random bench weights into {weights.HERE}; pick another --root")
     device = device or default_device()
     counts: dict[str, int] = {}
-    writers = {"base": write_base, "controlnet": write_controlnet}
-    for role, name in weights.components(CONDITION).items():
+    own = weights.components(CONDITION)
+    # role kind -> component name, canny's first; a component shared by two conditions (midas) once.
+    wanted = {name: role.rpartition(".")[2] for role, name in {**own, **weights.components(image)}.items()}
+    for name, kind in wanted.items():
         folder = root / name
         info = weights.marker(folder) or {}
         if weights.is_complete(folder, name, tiny=False) and info.get("size", "full") == size and not force:
@@ -97,15 +130,25 @@ def write(root: Path, force: bool = False, device: str | None = None, size: str 
             continue
         shutil.rmtree(folder, ignore_errors=True)
         start = time.perf_counter()
-        # Parameters are created (and randomly initialised) on `device`.
-        with torch.device(device):
-            written = writers[role](folder, size)
+        extra: dict = {}
+        if kind == "detector":
+            written = write_detector(folder, name)
+            extra = {"stand_in": "the small random detector of the tests: the bench sends maps, never runs it"}
+        elif kind == "controlnet" and name != own["controlnet"]:
+            written = link_controlnet(folder, root / own["controlnet"])
+            extra = {"linked_from": own["controlnet"]}
+        else:
+            # Parameters are created (and randomly initialised) on `device`.
+            with torch.device(device):
+                written = {"base": write_base, "controlnet": write_controlnet}[kind](folder, size)
         counts.update(written)
         # The real marker (so CONTROLNET_WEIGHTS=real finds it) plus `bench` so nobody mistakes it.
-        weights.write_marker(folder, revision=weights.MANIFEST["components"][name]["revision"], component=name,
-                             bench=True, size=size, params=written)
-        print(f"bench {name}: {sum(written.values()) / 1e6:.1f} M params ({size}) made on {device}, written to "
-              f"{folder} in {time.perf_counter() - start:.1f}s", flush=True)
+        weights.write_marker(folder, revision=weights.revision(name), component=name,
+                             bench=True, size=size, params=written, **extra)
+        made = f"{sum(written.values()) / 1e6:.1f} M params made on {device}"
+        if extra:
+            made = "small random detector" if kind == "detector" else f"linked to {extra['linked_from']}"
+        print(f"bench {name} ({size}): {made}, written to {folder} in {time.perf_counter() - start:.1f}s", flush=True)
     return counts
 
 
@@ -115,8 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--device", default=None, help="where the models are built (default: cuda if there is one)")
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--image", choices=(CONDITION, "multi"), default=CONDITION,
+                        help="multi: also the multi image's ControlNets (linked to canny's) and detectors")
     args = parser.parse_args(argv)
-    write(args.root, args.force, args.device, args.size)
+    write(args.root, args.force, args.device, args.size, args.image)
 
 
 if __name__ == "__main__":

@@ -143,17 +143,26 @@ def test_the_report_gives_the_ratios_against_the_baseline(tmp_path):
                                                   "steps_2": timing(200.0),
                                                   "match": {"max_abs": 3, "mean_abs": 0.1, "ok": True}},
                           "samples4": {"status": "skipped", "why": "10 s left of the budget, needs about 20 s"},
+                          "units": {"status": "done", "setup_ms": 5000.0, "sample_size": "320x256",
+                                    "rows": {"1 unit (canny)": timing(300.0),
+                                             "2 units (canny + depth)": {**timing(380.0), "added_ms": 80.0},
+                                             "3 units (canny + depth + seg)": {**timing(470.0), "added_ms": 90.0}},
+                                    "per_added_unit_ms": 85.0},
                           "compile all reduce-overhead": {"status": "running"}}}
     text = device.markdown(results)
     assert "| ratio served vs baseline (2 steps, baseline / ours) | 2.00x |" in text
     assert "| compile all default | 64.00 | 60.0 | 200.0 | 1.50x | 3.00x | 3 / 0.100 (ok) |" in text
     assert "samples4 (skipped: 10 s left of the budget, needs about 20 s)" in text
+    assert "| 1 unit (canny) | 300.0 | 300.0 | 300.0 | 1 | - |" in text
+    assert "| 3 units (canny + depth + seg) | 470.0 | 470.0 | 470.0 | 1 | 90.0 |" in text
+    assert "Each added unit costs 85.0 ms" in text
     assert "compile all reduce-overhead (still running when this file was written: cut short there" in text
     assert text.startswith("### GPU: NVIDIA H200, tiny size, main call")
 
 
 def test_tiny_bench_weights_are_the_real_layout(tmp_path, monkeypatch):
-    """--size tiny writes what the real loader takes as real weights, and is not mistaken for full size."""
+    """--size tiny writes what the real loader takes as real weights, and is not mistaken for full size;
+    --image multi adds what the multi image needs."""
     import weights
     from bench import weights as bench_weights
 
@@ -168,3 +177,25 @@ def test_tiny_bench_weights_are_the_real_layout(tmp_path, monkeypatch):
     before = unet.stat().st_mtime_ns
     assert bench_weights.write(tmp_path, device="cpu", size="tiny") == counts  # complete: kept
     assert unet.stat().st_mtime_ns == before
+
+    # The units phase's: what locate("multi") needs, canny's kept, the other ControlNets canny's file.
+    assert not _locates(weights, "multi")
+    bench_weights.write(tmp_path, device="cpu", size="tiny", image="multi")
+    assert unet.stat().st_mtime_ns == before
+    multi = weights.locate("multi", prefer="real")
+    canny = next(found.controlnet.glob("*.safetensors"))
+    for condition in weights.COMBINED["multi"]:
+        own = multi.of(condition)
+        if condition != "canny":
+            assert next(own.controlnet.glob("*.safetensors")).samefile(canny)
+            assert weights.marker(own.controlnet)["linked_from"] == found.controlnet.name
+        if own.detector:
+            assert "stand_in" in weights.marker(own.detector)
+
+
+def _locates(weights, image: str) -> bool:
+    try:
+        weights.locate(image, prefer="real")
+    except weights.MissingWeightsError:
+        return False
+    return True
