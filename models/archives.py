@@ -158,13 +158,19 @@ def _unzip(archive: Path, dest: Path, budget: _Budget) -> None:
                 _copy(source, target, budget, info.filename)
 
 
-# tarfile's filter refusals, in the client's terms (its own messages name the destination folder).
+# tarfile's extraction filter exists from Python 3.11.4 and 3.12 on; Debian bookworm's 3.11.2, which the
+# plain-Docker image runs, lacks it (referring to its errors at import time failed every image's setup).
+# There the checks below (_target, links refused, plain files and folders only) stand alone.
+_DATA_FILTER = getattr(tarfile, "data_filter", None)
+# Its refusals, in the client's terms (its own messages name the destination folder).
 _UNSAFE = {
-    tarfile.AbsolutePathError: "an absolute path",
-    tarfile.OutsideDestinationError: "a path outside its folder",
-    tarfile.SpecialFileError: "a device or other special file",
-    tarfile.AbsoluteLinkError: "a link",
-    tarfile.LinkOutsideDestinationError: "a link",
+    getattr(tarfile, name): kind for name, kind in (
+        ("AbsolutePathError", "an absolute path"),
+        ("OutsideDestinationError", "a path outside its folder"),
+        ("SpecialFileError", "a device or other special file"),
+        ("AbsoluteLinkError", "a link"),
+        ("LinkOutsideDestinationError", "a link"),
+    ) if hasattr(tarfile, name)
 }
 
 
@@ -184,11 +190,13 @@ def _untar(archive: Path, dest: Path, budget: _Budget) -> None:
                 return
             tf.members.clear()  # tarfile keeps every header it read; nothing here looks back
             budget.entry()
-            try:
-                member = tarfile.data_filter(member, str(dest))
-            except tarfile.FilterError as exc:
-                kind = _UNSAFE.get(type(exc), "an unsafe entry")
-                raise ArchiveError(f"{what} holds {kind}: {exc.tarinfo.name[:200]!r}; pack plain files and folders only") from None
+            if _DATA_FILTER is not None:
+                try:
+                    member = _DATA_FILTER(member, str(dest))
+                except tarfile.FilterError as exc:
+                    kind = _UNSAFE.get(type(exc), "an unsafe entry")
+                    raise ArchiveError(f"{what} holds {kind}: {exc.tarinfo.name[:200]!r}; pack plain files and "
+                                       "folders only") from None
             if member.issym() or member.islnk():
                 raise ArchiveError(f"{what} holds a link: {member.name[:200]!r}; pack the files themselves "
                                    "(tar -h follows links)")
@@ -198,3 +206,6 @@ def _untar(archive: Path, dest: Path, budget: _Budget) -> None:
             elif member.isreg():
                 source = tf.extractfile(member)
                 _copy(source, target, budget, member.name)
+            else:  # what the filter refuses as special, where there is no filter
+                raise ArchiveError(f"{what} holds a device or other special file: {member.name[:200]!r}; pack "
+                                   "plain files and folders only")

@@ -517,3 +517,28 @@ def test_an_init_from_archive_is_unpacked_within_bounds(tmp_path, monkeypatch):
         _fetch_controlnet(data_uri(bomb(tmp_path / "bomb.tar.gz", 8 * 2**20).read_bytes(), "application/gzip"))
     assert str(tmp_path) not in str(error.value)
     assert [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".d")] == []  # nothing left unpacked
+
+
+def test_a_python_without_tarfiles_filter_still_refuses_unsafe_entries(tmp_path, monkeypatch):
+    """Debian bookworm's Python 3.11.2 (the plain-Docker image's) has no tarfile.data_filter."""
+    from models import archives
+
+    monkeypatch.setattr(archives, "_DATA_FILTER", None)
+
+    def tar(name, kind=tarfile.REGTYPE, link=""):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.size = kind, link, 1 if kind == tarfile.REGTYPE else 0
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.tar"
+        with tarfile.open(path, "w") as tf:
+            tf.addfile(info, io.BytesIO(b"x") if kind == tarfile.REGTYPE else None)
+        return path
+
+    bounds = archives.Bounds(max_bytes=2**20, max_entries=10)
+    for archive, says in [(tar("../escape.txt"), "a path outside its folder"), (tar("/etc/x"), "a path outside"),
+                          (tar("a", tarfile.SYMTYPE, "/etc/passwd"), "a link"),
+                          (tar("f", tarfile.FIFOTYPE), "a device or other special file")]:
+        with pytest.raises(archives.ArchiveError, match=says):
+            archives.unpack(archive, tmp_path / "out", bounds)
+    assert not (tmp_path.parent / "escape.txt").exists()
+    out = archives.unpack(tar("images/a.txt"), tmp_path / "ok", bounds)
+    assert (out / "images" / "a.txt").read_bytes() == b"x"
