@@ -202,10 +202,12 @@ def wait_ready(port: int, container: str, limit_s: float = 600) -> float:
 def sample_image() -> str:
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (320, 256), "white")
+    image = Image.new("RGBA", (320, 256), "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle((60, 90, 260, 220), outline="black", width=4)
     draw.polygon([(50, 95), (160, 30), (270, 95)], outline="black", width=4)
+    # A transparent corner: the inpaint image's mask (every other image composites it away).
+    draw.rectangle((0, 0, 40, 40), fill=(0, 0, 0, 0))
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
