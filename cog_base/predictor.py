@@ -46,9 +46,13 @@ IMAGE_INPUTS = ("input_image",)
 class ExpectedFault(RuntimeError):
     """A server-side failure whose message is already written for the client (out of memory, NaN)."""
 
+    log_prefix = "Server fault"  # the prediction's logs get this one line (cog_base.serving)
+
 
 class UnexpectedError(RuntimeError):
     """Anything else: the client learns that it was unexpected, the server's log keeps the detail."""
+
+    log_prefix = "Server error"
 
 
 def _registry_name(default: Any) -> str | None:
