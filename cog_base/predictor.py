@@ -229,6 +229,7 @@ class ControlNetPredictor(BasePredictor):
                 calls.append(dict(self.warm_up_inputs(_drawing(folder, width, height)), prompt="warm-up", width=width, height=height,
                                   num_samples=str(count), ddim_steps=2, seed=1))
             fast.warm_up(self.generate, calls)
+            self._self_test_size = shapes[0][:2]  # a compiled shape: the self-test never waits for a compilation
             print(f"{self.condition}: compiled for {spec} in {time.perf_counter() - start:.1f}s", flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -262,15 +263,17 @@ class ControlNetPredictor(BasePredictor):
         return self.health.check()
 
     def _self_test(self) -> None:
-        """One step at 64x64 on the warm-up drawing, its logs kept out of the failed request's."""
+        """One step at 64x64 (or a compiled shape) on the warm-up drawing, its logs kept out of the failed
+        request's."""
         import contextlib
         import io
 
+        width, height = getattr(self, "_self_test_size", (64, 64))
         folder = tempfile.mkdtemp(prefix="controlnet-self-test-")
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                self.generate(**self.warm_up_inputs(_drawing(folder, 64, 64)), prompt="self-test", width=64, height=64,
-                              ddim_steps=1, seed=1, return_control_map=False)
+                self.generate(**self.warm_up_inputs(_drawing(folder, width, height)), prompt="self-test", width=width,
+                              height=height, ddim_steps=1, seed=1, return_control_map=False)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
