@@ -46,9 +46,13 @@ IMAGE_INPUTS = ("input_image",)
 class ExpectedFault(RuntimeError):
     """A server-side failure whose message is already written for the client (out of memory, NaN)."""
 
+    log_prefix = "Server fault"  # the prediction's logs get this one line (cog_base.serving)
+
 
 class UnexpectedError(RuntimeError):
     """Anything else: the client learns that it was unexpected, the server's log keeps the detail."""
+
+    log_prefix = "Server error"
 
 
 def _registry_name(default: Any) -> str | None:
@@ -137,6 +141,9 @@ class ControlNetPredictor(BasePredictor):
         from models.pipeline import load_pipeline  # torch and diffusers: worker only
         from models.style import StyleAssets
 
+        from cog_base.health import WorkerHealth
+
+        self.health = WorkerHealth()
         self.weights = weights.locate(self.condition)
         if self.weights.tiny:
             print(self.tiny_warning(), flush=True)
@@ -201,7 +208,6 @@ class ControlNetPredictor(BasePredictor):
         any other shape compiles on its first request. Items are `WIDTHxHEIGHT:num_samples` (the
         generated size, multiples of 64, e.g. 704x512:1 for a 4:3 photo at image_resolution 512) or
         `SIZE:num_samples` for a square."""
-        from PIL import Image, ImageDraw
 
         spec = os.environ.get("CONTROLNET_WARMUP", "512:1")
         shapes = []
@@ -220,14 +226,10 @@ class ControlNetPredictor(BasePredictor):
             start = time.perf_counter()
             calls = []
             for width, height, count in shapes:
-                canvas = Image.new("RGB", (width, height), "white")
-                ImageDraw.Draw(canvas).rectangle((width // 4, height // 4, 3 * width // 4, 3 * height // 4),
-                                                 outline="black", width=8)
-                path = os.path.join(folder, f"{width}x{height}.png")
-                canvas.save(path)
-                calls.append(dict(self.warm_up_inputs(Path(path)), prompt="warm-up", width=width, height=height,
+                calls.append(dict(self.warm_up_inputs(_drawing(folder, width, height)), prompt="warm-up", width=width, height=height,
                                   num_samples=str(count), ddim_steps=2, seed=1))
             fast.warm_up(self.generate, calls)
+            self._self_test_size = shapes[0][:2]  # a compiled shape: the self-test never waits for a compilation
             print(f"{self.condition}: compiled for {spec} in {time.perf_counter() - start:.1f}s", flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -241,17 +243,39 @@ class ControlNetPredictor(BasePredictor):
     def predict_with(self, inputs: dict[str, Any]) -> list[Path]:
         """What each subclass's predict() calls with its locals()."""
         try:
-            return self.generate(**{name: value for name, value in inputs.items() if name not in ("self", "__class__")})
+            paths = self.generate(**{name: value for name, value in inputs.items() if name not in ("self", "__class__")})
         except (ValueError, ExpectedFault):
             raise  # the message says what to fix, in the client's terms
         except Exception as exc:
             if type(exc).__name__ == "CancelationException":
                 raise
+            self.health.after_unexpected_failure(exc, self._self_test)
             # Its message may name server paths; the traceback stays in the server's log.
             raise UnexpectedError(
                 f"unexpected server error ({type(exc).__name__}); it is logged on the server. Retry, and report it "
                 "if it persists"
             ) from exc
+        self.health.succeeded()
+        return paths
+
+    def healthcheck(self) -> bool:
+        """Cog 0.16.12 calls this (in the worker) on every /health-check: see cog_base/health.py."""
+        return self.health.check()
+
+    def _self_test(self) -> None:
+        """One step at 64x64 (or a compiled shape) on the warm-up drawing, its logs kept out of the failed
+        request's."""
+        import contextlib
+        import io
+
+        width, height = getattr(self, "_self_test_size", (64, 64))
+        folder = tempfile.mkdtemp(prefix="controlnet-self-test-")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.generate(**self.warm_up_inputs(_drawing(folder, width, height)), prompt="self-test", width=width,
+                              height=height, ddim_steps=1, seed=1, return_control_map=False)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     # -- the request path: validate, plan the size, make the maps, sample, encode -------------------
 
@@ -519,6 +543,20 @@ def _display(source: str) -> str:
     if source.startswith("data:"):
         return "a data: URI"
     return source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "?"
+
+
+def _drawing(folder: str, width: int, height: int) -> Path:
+    """A white image with a black rectangle (every detector finds structure in it) and a transparent
+    corner (the inpaint image's mask; the others composite it onto white)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGBA", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((width // 4, height // 4, 3 * width // 4, 3 * height // 4), outline="black", width=max(1, width // 64))
+    draw.rectangle((0, 0, width // 8, height // 8), fill=(0, 0, 0, 0))
+    path = os.path.join(folder, f"{width}x{height}.png")
+    canvas.save(path)
+    return Path(path)
 
 
 def _resize_exact(img, width: int, height: int):

@@ -33,10 +33,13 @@ Both (cog/types.py)
 - a file input that is not a string gets 422 instead of a 500 from inside Cog's validator.
 
 Prediction worker (cog/server/worker.py)
-- a client's input mistake (a ValueError raised by the predictor) is printed to the logs as one
-  line, its traceback only to the server's own stream; any other failure keeps Cog's traceback.
+- a client's input mistake (a ValueError raised by the predictor), and a server failure whose
+  message is written for the client (the predictor's ExpectedFault, UnexpectedError), is printed to
+  the logs as one line, its traceback only to the server's own stream; any other failure keeps
+  Cog's traceback.
 
-Every fix is tested through the real server (tests/test_serving.py).
+Every fix is tested through the real server (tests/test_serving.py), the log lines in-process
+(tests/test_worker_logs.py).
 """
 
 from __future__ import annotations
@@ -457,8 +460,13 @@ def _patch_worker_tracebacks() -> None:
 
     def print_exc(*args, **kwargs):
         error = sys.exc_info()[1]
-        if isinstance(error, ValueError) and not isinstance(error, UnicodeError):
-            print(f"Input error: {error}", file=sys.stderr, flush=True)
+        # A client's mistake, or a failure whose message was written for the client (the predictor's
+        # `log_prefix` classes): one line in the prediction's logs. Their tracebacks (an unexpected
+        # error's cause may name server paths) go only to the server's own log.
+        prefix = "Input error" if isinstance(error, ValueError) and not isinstance(error, UnicodeError) \
+            else getattr(type(error), "log_prefix", None)
+        if prefix:
+            print(f"{prefix}: {error}", file=sys.stderr, flush=True)
             stream = _server_stream()
             if stream is not None:
                 traceback.print_exc(file=stream)

@@ -190,6 +190,7 @@ def _untar(archive: Path, dest: Path, budget: _Budget) -> None:
                 return
             tf.members.clear()  # tarfile keeps every header it read; nothing here looks back
             budget.entry()
+            _target(dest, member.name, what)  # before the filter, which would make '/x' relative
             if _DATA_FILTER is not None:
                 try:
                     member = _DATA_FILTER(member, str(dest))

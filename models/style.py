@@ -14,6 +14,7 @@ and there are at most MAX_EMBEDDING_VECTORS of them. Every refusal says what to 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Callable
@@ -163,7 +164,7 @@ class StyleAssets:
             raise AssetError(f"embedding_token {token!r} is a word the model already knows ({taken[0]!r}); "
                              "use a token that is not a word the model knows, e.g. <my-style>")
         try:
-            with critical.section():
+            with critical.section(), _plain_resizing(self.pipe.text_encoder):
                 self.pipe.load_textual_inversion({"emb_params": vectors}, token=token)
         except Exception as exc:  # diffusers raises several types; its messages may print the tensors
             if type(exc).__name__ == "CancelationException":  # Cog's cancel, not a fault of the file
@@ -172,3 +173,17 @@ class StyleAssets:
                 self.pipe.unload_textual_inversion()
             raise AssetError(f"embedding_url could not be added to the model ({type(exc).__name__}); send an SD 1.5 "
                              "textual-inversion embedding") from None
+
+
+@contextlib.contextmanager
+def _plain_resizing(text_encoder):
+    """diffusers grows the token table with transformers' default `mean_resizing`, which draws the new
+    rows from a multivariate normal fitted to the whole 49408 x 768 table (seconds of CPU, and a log
+    notice on every request) and then overwrites each new row with the embedding's vector: the same
+    table, without the draw."""
+    resize = text_encoder.resize_token_embeddings
+    text_encoder.resize_token_embeddings = functools.partial(resize, mean_resizing=False)
+    try:
+        yield
+    finally:
+        del text_encoder.resize_token_embeddings  # the class's method again

@@ -289,6 +289,30 @@ def test_an_embedding_of_many_vectors_within_the_bound_is_used(canny, baseline):
     assert len(canny.runner.pipe.tokenizer) == vocabulary
 
 
+def test_an_embedding_grows_the_token_table_without_drawing_rows_it_overwrites(canny, baseline, monkeypatch):
+    """transformers' default mean_resizing fits a multivariate normal to the whole table (seconds at SD
+    1.5's 49408 x 768) for rows the embedding then overwrites: same output without it."""
+    path, _ = baseline
+    encoder = canny.runner.pipe.text_encoder
+    seen, resize = [], type(encoder).resize_token_embeddings
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("mean_resizing", True))
+        return resize(self, *args, **kwargs)
+
+    def as_transformers_default(self, new_num_tokens, **kwargs):
+        return resize(self, new_num_tokens, mean_resizing=True)
+
+    emb = {"embedding_url": as_uri(embedding(canny, shape=(2,))), "embedding_token": "<plain>"}
+    monkeypatch.setattr(type(encoder), "resize_token_embeddings", spy)
+    plain = sample(canny, path, "a <plain> house", **emb)
+    assert seen == [False]
+    monkeypatch.setattr(type(encoder), "resize_token_embeddings", as_transformers_default)
+    drawn = sample(canny, path, "a <plain> house", **emb)
+    assert np.array_equal(plain, drawn)
+    assert "resize_token_embeddings" not in vars(encoder)  # the class's own method again
+
+
 def test_a_file_that_makes_the_output_non_finite_is_blamed_not_the_server(canny, baseline, monkeypatch):
     """A LoRA within the value bound can still be too strong: the message names it, as an input error."""
     import models.pipeline

@@ -519,11 +519,14 @@ def test_an_init_from_archive_is_unpacked_within_bounds(tmp_path, monkeypatch):
     assert [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".d")] == []  # nothing left unpacked
 
 
-def test_a_python_without_tarfiles_filter_still_refuses_unsafe_entries(tmp_path, monkeypatch):
-    """Debian bookworm's Python 3.11.2 (the plain-Docker image's) has no tarfile.data_filter."""
+@pytest.mark.parametrize("has_filter", [True, False], ids=["python-with-tar-filter", "python-3.11.2-without"])
+def test_unsafe_tar_entries_are_refused_alike_with_or_without_tarfiles_filter(tmp_path, monkeypatch, has_filter):
+    """Debian bookworm's Python 3.11.2 (the plain-Docker image's) has no tarfile.data_filter; where it
+    exists it strips a leading '/', which would accept there what is refused without it."""
     from models import archives
 
-    monkeypatch.setattr(archives, "_DATA_FILTER", None)
+    if not has_filter:
+        monkeypatch.setattr(archives, "_DATA_FILTER", None)
 
     def tar(name, kind=tarfile.REGTYPE, link=""):
         info = tarfile.TarInfo(name)
@@ -534,7 +537,7 @@ def test_a_python_without_tarfiles_filter_still_refuses_unsafe_entries(tmp_path,
         return path
 
     bounds = archives.Bounds(max_bytes=2**20, max_entries=10)
-    for archive, says in [(tar("../escape.txt"), "a path outside its folder"), (tar("/etc/x"), "a path outside"),
+    for archive, says in [(tar("../escape.txt"), "a path outside its folder"), (tar("/etc/x"), "a path outside its folder: '/etc/x'"),
                           (tar("a", tarfile.SYMTYPE, "/etc/passwd"), "a link"),
                           (tar("f", tarfile.FIFOTYPE), "a device or other special file")]:
         with pytest.raises(archives.ArchiveError, match=says):

@@ -202,3 +202,53 @@ def test_a_combined_image_carries_every_condition_it_serves_and_gives_each_its_o
     with pytest.raises(ValueError, match="serves no condition 'custom'"):
         found.of("custom")
     assert weights.conditions_of("canny") == ("canny",)
+
+
+def _tar(path: Path, members: dict) -> Path:
+    """A tar of `members` (name -> bytes, or a str: a symlink to that target)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                tf.addfile(info)
+            else:
+                info.size = len(content)
+                tf.addfile(info, io.BytesIO(content))
+    return path
+
+
+@pytest.mark.parametrize("has_filter", [True, False], ids=["python-with-tar-filter", "python-3.11.2-without"])
+def test_cog_weights_archives_unpack_on_every_python_and_refuse_escapes(tmp_path, monkeypatch, has_filter):
+    # Debian bookworm's Python 3.11.2 (the plain-Docker image) has no tarfile extraction filter: a
+    # COG_WEIGHTS tar failed there with "unexpected keyword argument 'filter'".
+    from models import archives
+    from models.assets import AssetCache, AssetError, fetch_weights
+
+    if not has_filter:
+        monkeypatch.setattr(archives, "_DATA_FILTER", None)
+    cache = AssetCache(tmp_path / "cache")
+    good = _tar(tmp_path / "model.tar", {"model/unet/config.json": b"{}", "model/vae/config.json": b"{}"})
+    folder = fetch_weights(str(good), cache)
+    assert folder.name == "model" and (folder / "unet" / "config.json").read_bytes() == b"{}"
+    for name, members, says in (
+        ("escape.tar", {"../escape.txt": b"x"}, "outside its folder"),
+        ("link.tar", {"model/unet": "/etc"}, "a link"),
+    ):
+        with pytest.raises(AssetError, match=says) as refused:
+            fetch_weights(str(_tar(tmp_path / name, members)), cache)
+        assert str(tmp_path) not in str(refused.value)
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_cog_weights_archive_is_bounded(tmp_path, monkeypatch):
+    from models.assets import AssetCache, AssetError, fetch_weights
+
+    monkeypatch.setenv("CONTROLNET_WEIGHTS_MAX_UNPACKED_MB", "1")
+    big = _tar(tmp_path / "big.tar", {"model/unet/diffusion_pytorch_model.safetensors": b"\0" * (2 * 2**20)})
+    with pytest.raises(AssetError, match="unpacks to more than 1 MiB"):
+        fetch_weights(str(big), AssetCache(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").glob("*.d"))  # nothing half-unpacked is kept
