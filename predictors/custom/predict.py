@@ -10,7 +10,7 @@ from cog_base import ControlNetPredictor, Inputs
 
 class Predictor(ControlNetPredictor):
     condition = "custom"
-    detector = "models.detectors.custom:CustomDetector"
+    detector = "models.detectors.upload:UploadAsMap"
     detect_at_resolution = False  # the upload is the map, resized to the sample size as training resized it
     cog_weights = "controlnet"  # COG_WEIGHTS: the tar `train()` returns (or a diffusers ControlNet folder)
 
