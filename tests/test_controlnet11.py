@@ -54,6 +54,42 @@ def test_an_uploaded_line_map_is_checked_then_used_as_is(condition, tmp_path):
     np.testing.assert_array_equal(control, lines)
 
 
+@pytest.mark.parametrize("condition", ["lineart", "softedge", "shuffle", "tile", "ip2p"])
+def test_an_uploaded_map_of_an_unusable_shape_or_file_is_refused(condition, tmp_path):
+    wide = np.zeros((64, 320, 3), np.uint8)
+    cv2.line(wide, (0, 32), (319, 32), (255, 255, 255), 2)
+    with pytest.raises(ValueError, match="aspect ratio 5.0:1 is too extreme; crop it"):
+        predictor(condition).generate(save(wide, tmp_path / "wide.png"), "x", control_image_is_map=True, **FAST)
+    (tmp_path / "map.png").write_bytes(b"<html>not found</html>")
+    with pytest.raises(ValueError, match="image could not be decoded: the file is an HTML page"):
+        predictor(condition).generate(tmp_path / "map.png", "x", control_image_is_map=True, **FAST)
+
+
+@pytest.mark.parametrize("condition", ["lineart", "softedge"])
+def test_a_dark_on_light_drawing_sent_as_a_line_map_is_refused_with_the_fix(condition, tmp_path):
+    drawn = np.full((256, 256, 3), 255, np.uint8)
+    cv2.line(drawn, (10, 10), (240, 200), (0, 0, 0), 3)
+    with pytest.raises(ValueError, match="it is mostly light: .*invert a dark-on-light drawing"):
+        predictor(condition).generate(save(drawn, tmp_path / "drawn.png"), "x", control_image_is_map=True, **FAST)
+
+
+@pytest.mark.parametrize("condition", ["tile", "ip2p", "custom"])
+def test_for_the_conditions_whose_map_is_the_upload_is_map_changes_nothing(condition, tmp_path):
+    path = save(np.asarray(drawing(400, 300)), tmp_path / "in.png")  # resized down: area, not bilinear
+    detected, uploaded = (outputs(predictor(condition).generate(path, "x", control_image_is_map=is_map, preprocess_only=True,
+                                                                **FAST))[0] for is_map in (False, True))
+    np.testing.assert_array_equal(uploaded, detected)
+
+
+def test_a_picture_sent_as_a_shuffle_map_is_used_unshuffled(tmp_path):
+    upload = np.asarray(drawing(400, 300))
+    path = save(upload, tmp_path / "in.png")
+    shuffled, as_map = (outputs(predictor("shuffle").generate(path, "x", control_image_is_map=is_map, preprocess_only=True,
+                                                               **FAST))[0] for is_map in (False, True))
+    np.testing.assert_array_equal(as_map, resize_to(upload, 256, 320))
+    assert not np.array_equal(shuffled, as_map)
+
+
 @pytest.mark.parametrize("condition", ["tile", "ip2p"])
 def test_the_map_is_the_upload_at_the_sample_size(condition, tmp_path):
     upload = np.asarray(drawing(400, 300))

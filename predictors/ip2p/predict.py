@@ -15,6 +15,7 @@ class Predictor(ControlNetPredictor):
     condition = "ip2p"
     detector = "models.detectors.upload:UploadAsMap"
     detect_at_resolution = False  # the map is the upload at the sample size
+    map_interpolation = "image"  # an uploaded map is resized as the upload: control_image_is_map changes nothing
 
     def predict(
         self,
