@@ -158,3 +158,35 @@ def test_inpaint_mask_follows_the_exact_size_crop(tmp_path):
         predictor("inpaint").generate(path, "x", width=256, height=256, **FAST)
     control = outputs(predictor("inpaint").generate(path, "x", width=320, height=240, preprocess_only=True, **FAST))[0]
     assert (control[:, :16, 3] == 0).all() and (control[:, 64:, 3] == 255).all()
+
+
+def tiny_lora(pipe) -> str:
+    import torch
+    from safetensors.torch import save as to_bytes
+
+    from tests.conftest import data_uri
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, layer in pipe.unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn1.to_v")):
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g)
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g)
+    return data_uri(to_bytes(state), "application/octet-stream")
+
+
+@pytest.mark.parametrize("condition", ["lineart", "softedge", "shuffle", "tile", "ip2p", "inpaint"])
+def test_lora_and_preprocess_only_work_on_each_new_image(condition, tmp_path, monkeypatch):
+    from cog_base.predictor import asset_settings
+    from models.assets import AssetCache
+
+    p = predictor(condition)
+    monkeypatch.setattr(p, "assets", AssetCache(**{**asset_settings(), "root": str(tmp_path / "assets")}))
+    path = holed(tmp_path / "in.png", (100, 60, 260, 200))  # its hole: inpaint's mask; composited away elsewhere
+    plain = outputs(p.generate(path, "a house", **FAST))
+    styled = outputs(p.generate(path, "a house", lora_url=tiny_lora(p.runner.pipe), lora_scale=2.0, **FAST))
+    only = outputs(p.generate(path, "a house", preprocess_only=True, **FAST))
+    assert len(plain) == len(styled) == 2 and len(only) == 1
+    np.testing.assert_array_equal(only[0], plain[0])
+    np.testing.assert_array_equal(styled[0], plain[0])
+    assert not np.array_equal(styled[1], plain[1])
