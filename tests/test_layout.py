@@ -293,3 +293,7 @@ def test_a_real_images_licence_label_names_its_weights():
     assert image_labels("canny", "{}", tiny=False)["org.opencontainers.image.licenses"] == "Apache-2.0 AND CreativeML-OpenRAIL-M"
     pose = image_labels("pose", "{}", tiny=False)["org.opencontainers.image.licenses"]
     assert pose == "Apache-2.0 AND CreativeML-OpenRAIL-M AND LicenseRef-CMU-OpenPose-NonCommercial"
+    lineart = image_labels("lineart", "{}", tiny=False)["org.opencontainers.image.licenses"]
+    assert lineart == "Apache-2.0 AND CreativeML-OpenRAIL-M AND LicenseRef-Annotators-Unstated"
+    softedge = image_labels("softedge", "{}", tiny=False)["org.opencontainers.image.licenses"]
+    assert softedge == "Apache-2.0 AND CreativeML-OpenRAIL-M AND LicenseRef-Annotators-Unstated"
