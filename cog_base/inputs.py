@@ -118,7 +118,9 @@ class Inputs:
     controlnet_1 = Input(
         description="Unit 1: the condition whose detector and ControlNet it uses (none: no unit 1). The output is "
         "the control map of each active unit, in unit order, then the samples",
-        choices=["none", "canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg"], default="none",
+        choices=["none", "canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg", "lineart", "softedge",
+                 "shuffle", "tile", "ip2p"],
+        default="none",
     )
     controlnet_1_image = Input(
         description="Unit 1's image (URL or data: URI); it sets the size, as image_resolution and width/height say",
@@ -139,7 +141,9 @@ class Inputs:
     )
     controlnet_2 = Input(
         description="Unit 2: the condition whose detector and ControlNet it uses (none: no unit 2)",
-        choices=["none", "canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg"], default="none",
+        choices=["none", "canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg", "lineart", "softedge",
+                 "shuffle", "tile", "ip2p"],
+        default="none",
     )
     controlnet_2_image = Input(
         description="Unit 2's image (URL or data: URI), centre-cropped to the first unit's aspect",
@@ -160,7 +164,9 @@ class Inputs:
     )
     controlnet_3 = Input(
         description="Unit 3: the condition whose detector and ControlNet it uses (none: no unit 3)",
-        choices=["none", "canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg"], default="none",
+        choices=["none", "canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg", "lineart", "softedge",
+                 "shuffle", "tile", "ip2p"],
+        default="none",
     )
     controlnet_3_image = Input(
         description="Unit 3's image (URL or data: URI), centre-cropped to the first unit's aspect",

@@ -74,7 +74,8 @@ class ControlNetPredictor(BasePredictor):
                          sample size with `map_interpolation`), or on the image already at the
                          sample size when False
     map_interpolation    how a map is resized to the sample size ("nearest" keeps binary maps and
-                         palettes intact)
+                         palettes intact; "image": Lanczos up, area down, as the upload is resized
+                         where the map is the upload itself)
     cog_weights          what COG_WEIGHTS replaces: "base" (a fine-tuned SD 1.5 checkpoint) or
                          "controlnet" (a trained ControlNet)
     head_inputs, tail_inputs  the shared inputs before and after the image's own (JAGILLEY_INPUTS and

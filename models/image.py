@@ -207,9 +207,12 @@ INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR}
 
 
 def resize_map(control_map: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
-    """Detectors round sizes their own way; the map must match the sample size exactly."""
+    """Detectors round sizes their own way; the map must match the sample size exactly. "image": a map that
+    is a picture (tile, ip2p, shuffle, custom) is resized as those conditions resize the upload (resize_to)."""
     if control_map.shape[:2] == (height, width):
         return control_map
+    if interpolation == "image":
+        return resize_to(control_map, height, width)
     return cv2.resize(control_map, (width, height), interpolation=INTERPOLATIONS[interpolation])
 
 

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -303,6 +304,13 @@ class ControlNetRunner:
             unit = units[0]
             return dict(controlnet=nets[0], image=control_image(unit.map), controlnet_conditioning_scale=unit.strength,
                         control_guidance_start=unit.start, control_guidance_end=unit.end, **size)
+        # Pooling nets (1.1 shuffle) last: MultiControlNetModel adds each net's mid residual in place into the
+        # first one's, which fails when the first is pooled (1x1), and the pipeline reads guess mode from the
+        # first net alone. Summing in another order changes nothing else.
+        pooled = [pools(net) for net in nets]
+        order = [i for i in range(len(units)) if not pooled[i]] + [i for i in range(len(units)) if pooled[i]]
+        units, cfg = [units[i] for i in order], request.guidance_scale > 1.0
+        nets = [PromptedSideOnly(nets[i], cfg) if pooled[i] else nets[i] for i in order]
         return dict(
             **size, controlnet=MultiControlNetModel(nets), image=[control_image(u.map) for u in units],
             controlnet_conditioning_scale=[u.strength for u in units],
@@ -357,6 +365,36 @@ class ControlNetRunner:
         samples = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
         timings["VAE decode"] = time.perf_counter() - start
         return Result(samples, timings)
+
+
+def pools(net) -> bool:
+    """A ControlNet that pools its conditioning to one value per channel (ControlNet 1.1 shuffle)."""
+    return bool(getattr(net.config, "global_pool_conditions", False))
+
+
+class PromptedSideOnly(torch.nn.Module):
+    """A pooling ControlNet among several: its residuals reach only the prompted half of the classifier-free
+    guidance batch, as 1.1 shuffle was trained ("put only on the conditional side of cfg"; the webui
+    extension masks such a unit the same way). Alone, diffusers does that by forcing guess mode for the
+    whole request; among several that would also weaken every other unit (guess mode's residual scales), so
+    the other units keep acting on both halves. With guidance on and guess mode off the batch is
+    [unprompted, prompted] (the pipeline's order); otherwise it holds the prompted half only."""
+
+    def __init__(self, net, cfg: bool):
+        super().__init__()
+        self.net, self.cfg = net, cfg
+        self.config = SimpleNamespace(global_pool_conditions=False)  # what the pipeline reads of nets[0]
+
+    def forward(self, sample, *args, guess_mode: bool = False, **kwargs):
+        down, mid = self.net(sample, *args, guess_mode=guess_mode, **kwargs)[:2]
+        if self.cfg and not guess_mode:
+            half = sample.shape[0] // 2
+
+            def prompted(residual):
+                return torch.cat([torch.zeros_like(residual[:half]), residual[half:]])
+
+            down, mid = [prompted(r) for r in down], prompted(mid)
+        return down, mid
 
 
 def control_image(control: np.ndarray):

@@ -73,6 +73,9 @@ WEIGHT_LICENCES = {
     "stable-diffusion-v1-5": "CreativeML-OpenRAIL-M", "controlnet-untrained": "CreativeML-OpenRAIL-M",
     "annotators-hed": "Apache-2.0", "annotators-mlsd": "Apache-2.0", "annotators-midas": "MIT",
     "upernet-convnext-small": "MIT", "annotators-openpose": "LicenseRef-CMU-OpenPose-NonCommercial",
+    # lllyasviel/Annotators states no licence for these networks (README, "Licences"): said so, not guessed.
+    "annotators-lineart": "LicenseRef-Annotators-Unstated",
+    "annotators-softedge": "Apache-2.0 AND LicenseRef-Annotators-Unstated",
 }
 
 
@@ -131,7 +134,8 @@ def image_labels(condition: str, schema: str, tiny: bool, pip_freeze: str = "") 
         "org.opencontainers.image.title": f"controlnet-{condition}",
         "org.opencontainers.image.description": f"Stable Diffusion 1.5 + ControlNet {condition}, served by Cog"
         + (" (tiny random weights: a smoke-test image)" if tiny else ""),
-        "org.opencontainers.image.licenses": " AND ".join(dict.fromkeys(licences)),
+        "org.opencontainers.image.licenses": " AND ".join(dict.fromkeys(
+            part for licence in licences for part in licence.split(" AND "))),
     }
     if pip_freeze:
         labels["run.cog.pip_freeze"] = pip_freeze

@@ -54,6 +54,42 @@ def test_an_uploaded_line_map_is_checked_then_used_as_is(condition, tmp_path):
     np.testing.assert_array_equal(control, lines)
 
 
+@pytest.mark.parametrize("condition", ["lineart", "softedge", "shuffle", "tile", "ip2p"])
+def test_an_uploaded_map_of_an_unusable_shape_or_file_is_refused(condition, tmp_path):
+    wide = np.zeros((64, 320, 3), np.uint8)
+    cv2.line(wide, (0, 32), (319, 32), (255, 255, 255), 2)
+    with pytest.raises(ValueError, match="aspect ratio 5.0:1 is too extreme; crop it"):
+        predictor(condition).generate(save(wide, tmp_path / "wide.png"), "x", control_image_is_map=True, **FAST)
+    (tmp_path / "map.png").write_bytes(b"<html>not found</html>")
+    with pytest.raises(ValueError, match="image could not be decoded: the file is an HTML page"):
+        predictor(condition).generate(tmp_path / "map.png", "x", control_image_is_map=True, **FAST)
+
+
+@pytest.mark.parametrize("condition", ["lineart", "softedge"])
+def test_a_dark_on_light_drawing_sent_as_a_line_map_is_refused_with_the_fix(condition, tmp_path):
+    drawn = np.full((256, 256, 3), 255, np.uint8)
+    cv2.line(drawn, (10, 10), (240, 200), (0, 0, 0), 3)
+    with pytest.raises(ValueError, match="it is mostly light: .*invert a dark-on-light drawing"):
+        predictor(condition).generate(save(drawn, tmp_path / "drawn.png"), "x", control_image_is_map=True, **FAST)
+
+
+@pytest.mark.parametrize("condition", ["tile", "ip2p", "custom"])
+def test_for_the_conditions_whose_map_is_the_upload_is_map_changes_nothing(condition, tmp_path):
+    path = save(np.asarray(drawing(400, 300)), tmp_path / "in.png")  # resized down: area, not bilinear
+    detected, uploaded = (outputs(predictor(condition).generate(path, "x", control_image_is_map=is_map, preprocess_only=True,
+                                                                **FAST))[0] for is_map in (False, True))
+    np.testing.assert_array_equal(uploaded, detected)
+
+
+def test_a_picture_sent_as_a_shuffle_map_is_used_unshuffled(tmp_path):
+    upload = np.asarray(drawing(400, 300))
+    path = save(upload, tmp_path / "in.png")
+    shuffled, as_map = (outputs(predictor("shuffle").generate(path, "x", control_image_is_map=is_map, preprocess_only=True,
+                                                               **FAST))[0] for is_map in (False, True))
+    np.testing.assert_array_equal(as_map, resize_to(upload, 256, 320))
+    assert not np.array_equal(shuffled, as_map)
+
+
 @pytest.mark.parametrize("condition", ["tile", "ip2p"])
 def test_the_map_is_the_upload_at_the_sample_size(condition, tmp_path):
     upload = np.asarray(drawing(400, 300))
@@ -122,3 +158,36 @@ def test_inpaint_mask_follows_the_exact_size_crop(tmp_path):
         predictor("inpaint").generate(path, "x", width=256, height=256, **FAST)
     control = outputs(predictor("inpaint").generate(path, "x", width=320, height=240, preprocess_only=True, **FAST))[0]
     assert (control[:, :16, 3] == 0).all() and (control[:, 64:, 3] == 255).all()
+
+
+def tiny_lora(pipe) -> str:
+    import torch
+    from safetensors.torch import save as to_bytes
+
+    from tests.conftest import data_uri
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, layer in pipe.unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn1.to_v")):
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g)
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g)
+    return data_uri(to_bytes(state), "application/octet-stream")
+
+
+@pytest.mark.parametrize("condition", ["lineart", "softedge", "shuffle", "tile", "ip2p", "inpaint"])
+def test_lora_and_preprocess_only_work_on_each_new_image(condition, tmp_path, monkeypatch):
+    from cog_base.predictor import asset_settings
+    from models.assets import AssetCache
+
+    p = predictor(condition)
+    monkeypatch.setattr(p, "assets", AssetCache(**{**asset_settings(), "root": str(tmp_path / "assets")}))
+    path = holed(tmp_path / "in.png", (100, 60, 260, 200))  # its hole: inpaint's mask; composited away elsewhere
+    fast = {**FAST, **({"detect_resolution": 128} if "detect_resolution" in p.extra_inputs else {})}
+    plain = outputs(p.generate(path, "a house", **fast))
+    styled = outputs(p.generate(path, "a house", lora_url=tiny_lora(p.runner.pipe), lora_scale=2.0, **fast))
+    only = outputs(p.generate(path, "a house", preprocess_only=True, **fast))
+    assert len(plain) == len(styled) == 2 and len(only) == 1
+    np.testing.assert_array_equal(only[0], plain[0])
+    np.testing.assert_array_equal(styled[0], plain[0])
+    assert not np.array_equal(styled[1], plain[1])

@@ -26,7 +26,8 @@ from tests.conftest import SERVED
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
 CONDITIONS = SERVED  # FUZZ_CONDITIONS, or every condition the suite serves together
-URL_FIELDS = ("image", "input_image", "lora_url", "embedding_url")
+URL_FIELDS = ("image", "input_image", "lora_url", "embedding_url",
+              *(f"controlnet_{n}_image" for n in range(1, 4)))  # `make fuzz COND=multi`: its units' images
 
 
 class _NotFound(http.server.BaseHTTPRequestHandler):
@@ -112,8 +113,12 @@ def test_no_request_gets_a_server_error(servers, sent, condition, mode):
 
 @pytest.mark.parametrize("condition", CONDITIONS)
 def test_healthy_and_serving_after_fuzzing(servers, condition):
+    from scripts.image_test import image_inputs
     from tests.test_serving import QUICK
 
     server = servers[condition]
     assert requests.get(f"{server.url}/health-check", timeout=10).json()["status"] == "READY"
-    assert server.predict(QUICK).json()["status"] == "succeeded"
+    # image-test's sample: a transparent corner (inpaint's mask), and multi's first unit instead of `image`
+    shared = {name: value for name, value in QUICK.items() if name != "image"}
+    body = server.predict({**shared, **image_inputs(condition)}).json()
+    assert body["status"] == "succeeded", body.get("error")

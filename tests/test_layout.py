@@ -49,6 +49,34 @@ def test_cog_stays_out_of_the_model_code():
         assert "import cog" not in text and "from cog" not in text, path
 
 
+def predictor_module(condition):
+    import importlib
+
+    return importlib.import_module(f"predictors.{condition}.predict")
+
+
+def test_conditions_whose_map_is_the_upload_share_one_detector_module():
+    # Staging skips the other conditions' detector modules, so the shared module is what each of these
+    # images carries, rather than a copy of the same class per condition.
+    import numpy as np
+
+    from models.detectors.upload import UploadAsMap
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    identity = []
+    for condition in weights.CONDITIONS:
+        cls = predictor_module(condition).Predictor.detector_class()
+        if weights.components(condition).get("detector") is None:  # detectors with weights are not the upload
+            try:
+                same = np.array_equal(cls.from_weights(None)(image), image)
+            except ValueError:  # inpaint: needs its mask
+                same = False
+            if same:
+                identity.append(condition)
+                assert cls is UploadAsMap, condition
+    assert sorted(identity) == ["custom", "ip2p", "tile"]
+
+
 def fake_real_weights(root: Path, condition: str) -> None:
     for name in weights.components(condition).values():
         if (root / name).exists():
@@ -92,7 +120,8 @@ def test_make_image_stages_only_this_condition(tmp_path, condition):
     assert not list((context / "predictors").glob("*/cog.yaml"))
     assert (context / "cog_base/predictor.py").is_file()
     detectors = {p.stem for p in (context / "models/detectors").glob("*.py")}
-    assert served <= detectors and not detectors & (set(weights.CONDITIONS) - served)
+    needed = {predictor_module(c).Predictor.detector.partition(":")[0].rsplit(".", 1)[1] for c in served}
+    assert needed <= detectors and not detectors & (set(weights.CONDITIONS) - served)
     assert f"ENV COG_PREDICT_TYPE_STUB=predictors/{condition}/predict.py:Predictor" in (context / "Dockerfile").read_text()
 
 
@@ -264,3 +293,7 @@ def test_a_real_images_licence_label_names_its_weights():
     assert image_labels("canny", "{}", tiny=False)["org.opencontainers.image.licenses"] == "Apache-2.0 AND CreativeML-OpenRAIL-M"
     pose = image_labels("pose", "{}", tiny=False)["org.opencontainers.image.licenses"]
     assert pose == "Apache-2.0 AND CreativeML-OpenRAIL-M AND LicenseRef-CMU-OpenPose-NonCommercial"
+    lineart = image_labels("lineart", "{}", tiny=False)["org.opencontainers.image.licenses"]
+    assert lineart == "Apache-2.0 AND CreativeML-OpenRAIL-M AND LicenseRef-Annotators-Unstated"
+    softedge = image_labels("softedge", "{}", tiny=False)["org.opencontainers.image.licenses"]
+    assert softedge == "Apache-2.0 AND CreativeML-OpenRAIL-M AND LicenseRef-Annotators-Unstated"

@@ -50,6 +50,10 @@ def unit(n, condition, image, **fields):
     ("canny", dict(num_samples="4"), {}),
     ("seg", dict(controlnet_conditioning_scale=0.7, control_guidance_end=0.5, guess_mode=True),
      dict(conditioning_scale=0.7, end=0.5)),
+    # ControlNet 1.1: a detector with its own options (at their defaults), a pooling ControlNet, the upload as map
+    ("lineart", dict(controlnet_conditioning_scale=0.8), dict(conditioning_scale=0.8)),
+    ("shuffle", {}, {}),
+    ("tile", dict(control_guidance_start=0.5), dict(start=0.5)),
 ])
 def test_one_unit_gives_the_conditions_own_images(multi, image_file, condition, own, fields):
     path = image_file()
@@ -93,6 +97,40 @@ def test_a_unit_outside_its_window_for_every_step_equals_leaving_it_out(multi, i
     assert differs(early[-1], alone[-1])
 
 
+def test_a_shuffle_unit_acts_the_same_in_any_position(multi, image_file):
+    # 1.1 shuffle pools its conditioning and acts on the prompted half of the guidance batch only; diffusers
+    # decides that from the first net alone, which made a shuffle unit first change every unit's treatment.
+    path = image_file(width=320, height=256)  # the sample's aspect: no unit's image is cropped
+    first = pixels(multi.generate(**unit(1, "shuffle", path), **unit(2, "canny", path), **FAST))
+    second = pixels(multi.generate(**unit(1, "canny", path), **unit(2, "shuffle", path), **FAST))
+    np.testing.assert_array_equal(first[-1], second[-1])
+    assert (first[0] == second[1]).all() and (first[1] == second[0]).all()  # the maps follow the units
+    canny = pixels(multi.generate(**unit(1, "canny", path), **FAST))
+    assert differs(canny[-1], second[-1])  # and the shuffle unit does act
+
+
+def test_a_pooling_controlnet_among_several_acts_on_the_prompted_half_only(multi):
+    import torch
+
+    from models.pipeline import PromptedSideOnly
+
+    net = multi.runner.controlnets.get([multi.conditions["shuffle"].controlnet])[0]
+    torch.manual_seed(0)
+    sample, cond = torch.randn(1, 4, 8, 8).repeat(2, 1, 1, 1), torch.rand(1, 3, 64, 64).repeat(2, 1, 1, 1)
+    hidden = torch.randn(1, 77, net.config.cross_attention_dim).repeat(2, 1, 1)
+    args = dict(sample=sample, timestep=10, encoder_hidden_states=hidden, controlnet_cond=cond, conditioning_scale=1.0,
+                return_dict=False)
+    with torch.no_grad():
+        down, mid = net(**args)
+        wrapped_down, wrapped_mid = PromptedSideOnly(net, cfg=True)(**args)
+        guess_down, _ = PromptedSideOnly(net, cfg=True)(**args, guess_mode=True)  # the batch is all prompted
+        no_cfg_down, _ = PromptedSideOnly(net, cfg=False)(**args)
+    assert float(down[0][0].abs().max()) > 0 and float(mid[0].abs().max()) > 0
+    for full, wrapped in zip([*down, mid], [*wrapped_down, wrapped_mid]):
+        assert (wrapped[0] == 0).all() and torch.equal(wrapped[1], full[1])  # [unprompted, prompted]
+    assert all(torch.equal(a, b) for a, b in zip(down, guess_down)) and all(torch.equal(a, b) for a, b in zip(down, no_cfg_down))
+
+
 def test_units_of_other_sizes_are_centre_cropped_to_the_first_units_size(multi, image_file, tmp_path):
     first, portrait = image_file(), image_file(width=200, height=400, name="portrait.png")
     files = multi.generate(**unit(1, "canny", first), **unit(2, "canny", portrait), **unit(3, "seg", first), **FAST)
@@ -115,7 +153,7 @@ def test_the_same_condition_twice_works_and_loads_its_controlnet_once(multi, ima
 
 
 @pytest.mark.parametrize("inputs, message", [
-    (dict(controlnet_1="lineart"), "controlnet_1 must be one of none, canny, depth"),
+    (dict(controlnet_1="inpaint"), "controlnet_1 must be one of none, canny, depth"),
     ({}, "no control unit: set controlnet_1 to a condition"),
     (dict(controlnet_2_image="IMAGE"), "controlnet_2_image was sent but controlnet_2 is none"),
     (dict(controlnet_2="depth"), "controlnet_2 is depth but controlnet_2_image is missing"),
@@ -124,6 +162,8 @@ def test_the_same_condition_twice_works_and_loads_its_controlnet_once(multi, ima
     (dict(controlnet_3="canny", controlnet_3_image="IMAGE", controlnet_3_image_is_map=True),
      "controlnet_3_image_is_map is on, but .* white lines on black. Send a canny map"),
     (dict(controlnet_3="canny", controlnet_3_image="TEXT"), "controlnet_3_image: image could not be decoded"),
+    (dict(controlnet_2="softedge", controlnet_2_image="IMAGE", controlnet_2_image_is_map=True),
+     "controlnet_2_image_is_map is on, but only .* dark, so it is not a map of light lines on black. Send a softedge map"),
     (dict(controlnet_3_conditioning_scale=2.5), "controlnet_3_conditioning_scale must be between 0.0 and 2.0"),
 ])
 def test_each_bad_unit_gets_an_error_naming_the_unit_and_the_fix(multi, image_file, tmp_path, inputs, message):
@@ -223,7 +263,7 @@ def test_one_unit_over_http_gives_the_conditions_own_images(server, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [
-    {"controlnet_1": "lineart"}, {"controlnet_2_conditioning_scale": 2.5}, {"controlnet_1_start": 1.5},
+    {"controlnet_1": "inpaint"}, {"controlnet_2_conditioning_scale": 2.5}, {"controlnet_1_start": 1.5},
     {"controlnet_3_image_is_map": "maybe"},
 ])
 def test_out_of_schema_unit_inputs_get_422(server, bad):

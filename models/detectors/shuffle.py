@@ -19,6 +19,9 @@ FLOW_SCALE = 256  # the demo's f: the flow's noise is drawn on a grid of this ma
 
 
 class ShuffleDetector:
+    # No map_problem: a shuffle map is the photo's own pixels moved, which no check tells from a photo, and an
+    # unshuffled upload sent as the map (control_image_is_map) is a use of its own: the layout is kept.
+
     def __init__(self):
         self._detector = AuxShuffleDetector()
 

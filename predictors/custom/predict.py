@@ -10,8 +10,9 @@ from cog_base import ControlNetPredictor, Inputs
 
 class Predictor(ControlNetPredictor):
     condition = "custom"
-    detector = "models.detectors.custom:CustomDetector"
+    detector = "models.detectors.upload:UploadAsMap"
     detect_at_resolution = False  # the upload is the map, resized to the sample size as training resized it
+    map_interpolation = "image"  # an uploaded map too: control_image_is_map changes nothing
     cog_weights = "controlnet"  # COG_WEIGHTS: the tar `train()` returns (or a diffusers ControlNet folder)
 
     def setup(self) -> None:

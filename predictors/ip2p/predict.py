@@ -1,4 +1,8 @@
-"""The controlnet-ip2p image. ControlNet 1.1's Instruct Pix2Pix: the prompt is an instruction ("make it winter")."""
+"""The controlnet-ip2p image. ControlNet 1.1's Instruct Pix2Pix: the prompt is an instruction ("make it winter").
+
+The map is the upload at the sample size. The model was trained on half instruction prompts and half
+description prompts, so either works; lllyasviel found "make it into X" works better than "make Y into X".
+"""
 
 from typing import List, Optional
 
@@ -9,8 +13,9 @@ from cog_base import ControlNetPredictor, Inputs
 
 class Predictor(ControlNetPredictor):
     condition = "ip2p"
-    detector = "models.detectors.ip2p:Ip2pDetector"
+    detector = "models.detectors.upload:UploadAsMap"
     detect_at_resolution = False  # the map is the upload at the sample size
+    map_interpolation = "image"  # an uploaded map is resized as the upload: control_image_is_map changes nothing
 
     def predict(
         self,

@@ -1,5 +1,7 @@
 """The controlnet-multi image: up to three ControlNet units per request, each any of the conditions
-(canny, depth, hed, hough, normal, pose, scribble, seg) with its own image, strength and step window.
+(1.0: canny, depth, hed, hough, normal, pose, scribble, seg; 1.1: lineart, softedge, shuffle, tile, ip2p)
+with its own image, strength and step window. Not inpaint: its map needs the request's mask (the upload's
+alpha today, `mask_image` with the editing inputs), which no unit input carries.
 
 The output is the control map of each active unit, in unit order (unless return_control_map is off),
 then the samples. The first unit's image sets the size; the other units' images are centre-cropped to

@@ -11,6 +11,7 @@ class Predictor(ControlNetPredictor):
     condition = "shuffle"
     detector = "models.detectors.shuffle:ShuffleDetector"
     detect_at_resolution = False  # the 1.1 demo shuffled at the sample size
+    map_interpolation = "image"  # an uploaded map (any picture: used unshuffled) is resized as the upload
 
     def predict(
         self,

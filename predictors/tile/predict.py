@@ -1,4 +1,8 @@
-"""The controlnet-tile image. ControlNet 1.1's tile: new detail for the upload (e.g. after an upscale)."""
+"""The controlnet-tile image. ControlNet 1.1's tile: new detail for the upload (e.g. after an upscale).
+
+The map is the upload at the sample size. The model ignores the map's fine detail and invents new detail in
+keeping with it: a small or blurred upload comes back sharper. It is not super-resolution: details change.
+"""
 
 from typing import List, Optional
 
@@ -9,8 +13,9 @@ from cog_base import ControlNetPredictor, Inputs
 
 class Predictor(ControlNetPredictor):
     condition = "tile"
-    detector = "models.detectors.tile:TileDetector"
+    detector = "models.detectors.upload:UploadAsMap"
     detect_at_resolution = False  # the map is the upload at the sample size
+    map_interpolation = "image"  # an uploaded map is resized as the upload: control_image_is_map changes nothing
 
     def predict(
         self,
