@@ -15,9 +15,9 @@ Exact, on by default:
                    are the base ones (a LoRA or a textual-inversion embedding bypasses it)
     cond_once      each ControlNet embeds the control image once per request instead of once per step
                    (every step, both guidance halves included, reads the same image tensor)
-    attn_direct    attention layers call their processor directly when no cross_attention_kwargs are
-                   passed: diffusers' Attention.forward otherwise runs inspect.signature on every call
-                   only to filter an empty dict
+    attn_direct    attention layers call their processor without diffusers' inspect.signature on every
+                   call (it only filters the keyword arguments: the names are computed once per
+                   processor function instead)
 Not exact, or not measured on a GPU yet (opt-in):
     vae_guard      a VAE decode that yields NaN/inf is redone in float32 and the VAE stays float32;
                    the switch is logged (fp16 SD VAEs can overflow)
@@ -35,6 +35,7 @@ active), and that the others match the plain path within a stated tolerance.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import types
 import weakref
@@ -231,18 +232,33 @@ def embed_control_once(embedding: torch.nn.Module, slots: int = 4) -> None:
 
 # -- attn_direct ------------------------------------------------------------------------------------
 
+_PROCESSOR_PARAMETERS: dict = {}  # processor __call__ function -> the parameter names diffusers computes
+
+
 def _direct_forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **cross_attention_kwargs):
-    if cross_attention_kwargs:  # the filtering and its warning matter: diffusers' own forward
-        return type(self).forward(self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
-    return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask)
+    if cross_attention_kwargs:  # the VAE's attention gets temb
+        call = self.processor.__call__
+        function = getattr(call, "__func__", None)
+        if function is None or call.__self__ is not self.processor:  # not a plain method: diffusers' own way
+            return type(self).forward(self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+        names = _PROCESSOR_PARAMETERS.get(function)
+        if names is None:
+            names = _PROCESSOR_PARAMETERS[function] = frozenset(inspect.signature(call).parameters)
+        if not names.issuperset(cross_attention_kwargs):  # some to drop, with diffusers' warning
+            return type(self).forward(self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+    return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask, **cross_attention_kwargs)
 
 
 def call_attention_directly(model: torch.nn.Module) -> int:
-    """Every diffusers Attention in `model` calls its processor without inspecting its signature when
-    there is nothing to filter. Exact: diffusers' forward computes the processor's parameter names
-    only to drop cross_attention_kwargs the processor does not take; with none given (what our
-    pipelines pass) it then makes this very call. Installed as a bound method per module (copies of
-    the module rebind it), reading `self.processor` at each call (set_attn_processor still works)."""
+    """Every diffusers Attention in `model` skips the inspect.signature its forward runs on every call.
+    Exact: diffusers' forward computes the processor's parameter names only to drop the
+    cross_attention_kwargs the processor does not take (with a warning), then makes this very call.
+    The names of a bound method's signature depend on its function alone, so they are computed once per
+    processor function (by inspect.signature, as diffusers does); when every kwarg is among them (or
+    there is none, what the UNet and ControlNet pass) the filtered dict is the dict itself, and any
+    other case goes to diffusers' forward. Installed as a bound method per module (a copy of the module
+    rebinds it), reading `self.processor` at each call (set_attn_processor still works)."""
     from diffusers.models.attention_processor import Attention
 
     count = 0
