@@ -217,11 +217,11 @@ def test_the_server_serves_the_fast_path_it_is_asked_for_with_the_same_images(se
 
     request = served_request()
     plain_body = servers["canny"].predict(request).json()
-    with CogServer("canny", env={"CONTROLNET_FAST": "negcache,vae_guard,channels_last"},
+    with CogServer("canny", env={"CONTROLNET_FAST": "vae_guard,channels_last"},
                    log_path=tmp_path / "fast.log") as quick:
-        assert "fast path: negcache, vae_guard, channels_last" in quick.log()
+        assert "fast path: device_once, negcache, cond_once, attn_direct, vae_guard, channels_last" in quick.log()
         assert_close(served_samples(quick.predict(request).json()), served_samples(plain_body))
-    assert "fast path" not in servers["canny"].log()
+    assert "fast path: device_once, negcache, cond_once, attn_direct\n" in servers["canny"].log()  # the default
     with pytest.raises(RuntimeError, match=r"CONTROLNET_FAST: unknown option\(s\) cudagraph"):
         CogServer("canny", env={"CONTROLNET_FAST": "cudagraph"}, log_path=tmp_path / "bad.log").start()
 
