@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import startup
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a cozy cottage with a red roof, photorealistic, golden hour"
 SEED = 12345
@@ -43,7 +45,7 @@ def parse(argv):
     p.add_argument("--resolution", type=int, default=512, choices=(256, 512, 768))
     p.add_argument("--fast", default="all", help="models/fast.py options to time against the plain path ('' = skip)")
     p.add_argument("--lossy", type=int, nargs="*", default=[10, 15], help="fewer-step variants for the lossy table")
-    p.add_argument("--skip", nargs="*", default=[], choices=("baseline", "server", "samples4", "fast", "lossy", "units"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("baseline", "server", "samples4", "fast", "lossy", "units", "startup"))
     p.add_argument("--weights-root", type=Path, default=None, help="full size: where bench/weights.py writes")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
     return p.parse_args(argv)
@@ -184,7 +186,7 @@ def measure_predictor(args, clock, image: Path, results: dict) -> None:
             q = quality(reference, samples_of(predictor.generate(ddim_steps=n, **generate_kwargs)))
             results["lossy"][f"DDIM {n} steps"] = {**timing, **q}
 
-    options = fast.options_from_env(args.fast) if "fast" not in args.skip else ()
+    options = fast.options_from_env(args.fast) if args.fast and "fast" not in args.skip else ()
     if options:
         _, ms = clock.wall(fast.apply, pipe, options)
         results["fast_options"] = list(options)
@@ -439,6 +441,7 @@ def markdown(r: dict) -> str:
         lines += ["", f"## Lossy options (against the exact {head}-step output, same seed)", "",
                   "| option | median ms | PSNR dB | SSIM |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['median_ms']:.1f} | {v['psnr_db'] if v['psnr_db'] is None else round(v['psnr_db'], 2)} | {v['ssim']:.4f} |" for k, v in r["lossy"].items()]
+    lines += startup.markdown(r)
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
 
@@ -458,9 +461,27 @@ def check(r: dict) -> list[str]:
         problems.append("no server timing")
     if "units" not in r["args"]["skip"] and "units_skipped" not in r and len(r.get("units", {})) != len(UNITS):
         problems.append("no multi unit timings")
+    problems += startup.check(r)
     if r.get("fast_match") and not r["fast_match"]["ok"]:
         problems.append(f"fast path does not match the plain path: {r['fast_match']}")
     return problems
+
+
+def prepare_weights(args) -> dict:
+    """The weights of --size written where needed; the environment that makes the loader find them (set here too)."""
+    if args.size == "full":
+        from bench import weights as bench_weights
+
+        root = (args.weights_root or bench_weights.DEFAULT_ROOT).resolve()
+        bench_weights.write(root)
+        env = {"CONTROLNET_WEIGHTS_DIR": str(root), "CONTROLNET_WEIGHTS": "real"}
+    else:
+        import weights.tiny
+
+        weights.tiny.main([])
+        env = {"CONTROLNET_WEIGHTS": "tiny"}
+    os.environ.update(env)
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,18 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if cuda else "cpu"
     args.out = args.out or ROOT / "build" / "bench" / f"{args.size}-{device}"
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.size == "full":
-        from bench import weights as bench_weights
-
-        root = (args.weights_root or bench_weights.DEFAULT_ROOT).resolve()
-        bench_weights.write(root)
-        env = {"CONTROLNET_WEIGHTS_DIR": str(root), "CONTROLNET_WEIGHTS": "real"}
-    else:
-        import weights.tiny
-
-        weights.tiny.main([])
-        env = {"CONTROLNET_WEIGHTS": "tiny"}
-    os.environ.update(env)
+    env = prepare_weights(args)
     ws = weights.locate("canny")
 
     clock = Clock(cuda)
@@ -520,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         results["server_fast_path"] = served or "off"
         measure_server(args, image, results, {**server_env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
                        if args.device == "cpu" else server_env)
+    startup.measure(args, results, env)  # start-up and per-request work beside their floors
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)
     (args.out / "results.md").write_text(table)

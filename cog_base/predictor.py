@@ -158,10 +158,11 @@ class ControlNetPredictor(BasePredictor):
             # The name, never a server path: setup logs reach clients through /health-check.
             print(f"{self.condition}: {self.cog_weights} from COG_WEIGHTS ({_display(custom)})", flush=True)
         pipe = load_pipeline(self.weights.base, folders["controlnet_dir"], base_override=folders["base_override"])
-        # Opt-in until GPU figures say which options win (docs/benchmarks.md); an unknown name fails setup.
+        # The exact options by default, the others opt-in (models/fast.py); an unknown name fails setup.
         fast_options = fast.apply(pipe, fast.options_from_env())
         self.styles = StyleAssets(pipe)
         self.runner = self._runner(pipe)
+        self.runner.controlnets.prepare = fast.per_model(fast_options)  # ControlNets loaded on first use
         self._output_dir: str | None = None
         remove_on_worker_stop(lambda: [self._output_dir] if self._output_dir else [])
         if "compile" in fast_options:

@@ -116,6 +116,8 @@ class ControlNets:
                  release: Callable[[], None] = lambda: None):
         self._load, self.max_loaded, self.log, self._release = load, max_loaded, log, release
         self._loaded: OrderedDict[Path, Any] = OrderedDict()
+        # What each model goes through once loaded (the fast path's per-model options, models/fast.py).
+        self.prepare: Callable[[Any], Any] = lambda model: model
 
     def put(self, folder: Path, model) -> None:
         self._loaded[Path(folder)] = model
@@ -132,7 +134,7 @@ class ControlNets:
                 self._loaded.move_to_end(folder)
                 continue
             start = time.perf_counter()
-            self._loaded[folder] = self._load(folder)
+            self._loaded[folder] = self.prepare(self._load(folder))
             self.log(f"loaded ControlNet {folder.name} in {time.perf_counter() - start:.1f}s")
         dropped = False
         for folder in list(self._loaded):
