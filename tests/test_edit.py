@@ -15,7 +15,7 @@ from models.image import resize_to
 from models.pipeline import SCHEDULERS, EditRefusedError, Request, _client_terms
 from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class
 
-# Small uploads returned at their own size (generated at 192x128), 2 steps: strength 0.8 runs 1 of them.
+# Small uploads returned at their own size (generated at 128x128), 2 steps: strength 0.8 runs 1 of them.
 W, H = 160, 120
 FAST = dict(prompt="a house", image_resolution="256", ddim_steps=2, seed=11, width=W, height=H)
 BOX = (40, 30, 100, 80)  # the masked rectangle of a W x H upload
@@ -335,14 +335,14 @@ def test_each_mode_over_http_and_the_unmasked_pixels_come_back_exactly(servers):
         assert body["status"] == "succeeded", body.get("error")
         return [np.asarray(decode(uri)).astype(np.int16) for uri in body["output"]]
 
-    txt2img = run()[1]
+    map_, txt2img = run()
     img2img = run(init_image=png_uri(upload.rotate(90, expand=False)))[1]
     again = run(init_image=png_uri(upload.rotate(90, expand=False)))[1]
     stronger = run(init_image=png_uri(upload.rotate(90, expand=False)), strength=1.0)[1]  # 2 steps of 2, not 1
     control, inpaint = run(mask_image=png_uri(mask))
     assert differs(img2img, txt2img) and differs(stronger, img2img) and differs(inpaint, txt2img)
     np.testing.assert_array_equal(img2img, again)
-    assert control.shape == (H, W, 3)  # the map of `image`, as without editing
+    np.testing.assert_array_equal(control, map_)  # the map of `image`, as without editing
     keep = cv2.dilate(np.asarray(mask) // 255, np.ones((9, 9), np.uint8)) == 0
     np.testing.assert_array_equal(inpaint[keep], np.asarray(upload).astype(np.int16)[keep])
 
@@ -359,32 +359,10 @@ def test_bad_masks_over_http_fail_with_what_to_send_and_the_server_serves_on(ser
     black = png_uri(Image.new("L", (W, H), 0))
     for edit, message in [
         ({"mask_image": black}, "mask_image has nothing to regenerate"),
-        ({"mask_image": "not a url"}, "mask_image: image could not be decoded"),
+        ({"mask_image": "data:text/plain;base64,aGVsbG8="}, "mask_image: image could not be decoded"),
         ({"init_image": image, "strength": 0.1, "ddim_steps": 5}, "raise strength (above 0) or ddim_steps"),
     ]:
         body = server.predict({**FAST, "image": image, **edit}).json()
         assert body["status"] == "failed" and message in body["error"], body.get("error")
         assert "Traceback" not in body["error"] and "/tmp" not in body["error"]
     assert server.predict({**FAST, "image": image}).json()["status"] == "succeeded"
-
-
-def test_the_multi_images_units_edit_their_first_units_image(servers):
-    if "multi" not in servers:
-        pytest.skip("no multi server in this run")
-    upload = drawing(W, H)
-    mask = Image.new("L", upload.size, 0)
-    ImageDraw.Draw(mask).rectangle(BOX, fill=255)
-    units = dict(controlnet_1="canny", controlnet_1_image=png_uri(upload), controlnet_2="scribble",
-                 controlnet_2_image=png_uri(upload.rotate(180)))
-    base = dict(FAST, seed=3, **units)
-    plain = servers["multi"].predict(base).json()
-    body = servers["multi"].predict(base | {"mask_image": png_uri(mask)}).json()  # edits controlnet_1_image
-    assert plain["status"] == body["status"] == "succeeded", body.get("error")
-    assert len(body["output"]) == 3  # two maps, then the sample
-    got = np.asarray(decode(body["output"][-1])).astype(np.int16)
-    keep = cv2.dilate(np.asarray(mask) // 255, np.ones((9, 9), np.uint8)) == 0
-    np.testing.assert_array_equal(got[keep], np.asarray(upload).astype(np.int16)[keep])
-    assert differs(got, np.asarray(decode(plain["output"][-1])).astype(np.int16))
-    img2img = servers["multi"].predict(base | {"init_image": png_uri(upload.rotate(90))}).json()
-    assert img2img["status"] == "succeeded", img2img.get("error")
-    assert differs(np.asarray(decode(img2img["output"][-1])).astype(np.int16), got)
