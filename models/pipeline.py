@@ -234,8 +234,6 @@ class EditRefusedError(ValueError):
 def _client_terms(mode: str, message: str) -> str:
     """diffusers' editing pipelines check `control_image` but call it `image` in every message (diffusers
     #14057), and their own `image` is our init_image: say which is which."""
-    if "number of pipelinesteps" in message:
-        return f"{mode}: strength x ddim_steps runs no denoising step; raise strength or ddim_steps"
     message = message.replace("`image`", "the control map").replace("image batch size", "control map batch size")
     return f"{mode} could not run this request ({message}); check the control image, init_image and mask_image"
 
@@ -367,7 +365,8 @@ class ControlNetRunner:
             return {}
         # diffusers runs int(steps x strength) steps, and with none fails deep inside (an empty batch).
         if int(request.steps * request.strength) < 1:
-            raise EditRefusedError(_client_terms(request.mode, "number of pipelinesteps is 0"))
+            raise EditRefusedError(f"{request.mode}: strength x ddim_steps runs no denoising step; raise strength "
+                                   "or ddim_steps")
         inputs = dict(image=Image.fromarray(request.init_image), strength=request.strength)
         if request.mask is not None:
             inputs["mask_image"] = Image.fromarray(np.where(request.mask, np.uint8(255), np.uint8(0)))
