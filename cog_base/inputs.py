@@ -111,6 +111,25 @@ class Inputs:
         description="The token the prompt uses for the embedding, e.g. <my-style>", default=""
     )
 
+    # -- editing a photo (img2img, inpainting), every image ----------------------------------------
+    init_image = Input(
+        description="Photo to edit (URL or data: URI); none: generate from noise. Sized as image is",
+        default=None,
+    )
+    mask_image = Input(
+        description="Inpainting mask: white regenerates, black keeps (grey: white from 128). Without init_image "
+        "it edits image; none: the whole image",
+        default=None,
+    )
+    strength = Input(
+        description="How much of init_image (or the masked area) is regenerated: 1 = all of it; above 0. "
+        "Only with init_image or mask_image",
+        default=0.8, ge=0.0, le=1.0,
+    )
+    mask_blur = Input(
+        description="Feathers the mask's edge by this many pixels; 0 = a hard edge", default=4, ge=0, le=64
+    )
+
 
     # -- the multi image's units of control (named as fofr/cog-sdxl-multi-controlnet-lora names them) --
     # Literal, one entry per unit: Cog's static parser reads literals. Each unit's detector runs with
@@ -194,6 +213,7 @@ CONTROLS = (
     "controlnet_conditioning_scale", "guess_mode", "control_guidance_start", "control_guidance_end", "scheduler",
     "control_image_is_map", "return_control_map", "preprocess_only", "width", "height",
     "lora_url", "lora_scale", "embedding_url", "embedding_token",
+    "init_image", "mask_image", "strength", "mask_blur",
 )
 # One unit of control's inputs. A single-condition image takes its one unit's inputs in the lists
 # above; the multi image takes them per unit (controlnet_<n>_...) among its own inputs, so its head

@@ -80,6 +80,8 @@ class ControlNetPredictor(BasePredictor):
                          "controlnet" (a trained ControlNet)
     head_inputs, tail_inputs  the shared inputs before and after the image's own (JAGILLEY_INPUTS and
                          CONTROLS: a single-condition image carries its one unit's inputs among them)
+    map_takes_mask       the detector takes the request's inpainting mask (mask_image) as its `mask`
+                         option: its map is made from the image and the mask
 
     `extra_inputs` (the image's own inputs) and `fields` (every input's registry entry) are read from
     the predict() signature.
@@ -92,6 +94,7 @@ class ControlNetPredictor(BasePredictor):
     extra_inputs: ClassVar[tuple[str, ...]] = ()
     fields: ClassVar[dict[str, Any]] = {}
     cog_weights: ClassVar[str] = "base"
+    map_takes_mask: ClassVar[bool] = False
     head_inputs: ClassVar[tuple[str, ...]] = JAGILLEY_INPUTS
     tail_inputs: ClassVar[tuple[str, ...]] = CONTROLS
 
@@ -298,8 +301,9 @@ class ControlNetPredictor(BasePredictor):
         try:
             style = self._fetch_style(request, timings)
             images, size = self._plan(request, timings)
-            units = self._control_maps(request, images, size.generate, timings)
-            samples = [] if request.preprocess_only else self._sample(request, units, size.output, style, timings)
+            edit = self._plan_edit(request, images, size, timings)
+            units = self._control_maps(request, images, size.generate, timings, edit)
+            samples = [] if request.preprocess_only else self._sample(request, units, size.output, style, timings, edit)
         except (InputImageError, AssetError) as exc:
             if isinstance(exc, AssetError):
                 self.assets.forget(request.lora_url, request.embedding_url)  # a failed file is not kept under its URL
@@ -397,14 +401,49 @@ class ControlNetPredictor(BasePredictor):
             crops.append(apply_crop(rgb, plan_size(*rgb.shape[:2], request.image_resolution, out_w, out_h)))
         return crops, size
 
-    def _control_maps(self, request: Asked, images: list, size: tuple[int, int], timings: dict) -> list:
+    def _plan_edit(self, request: Asked, images: list, size, timings: dict):
+        """The edit's photo and mask decoded and sized by the request's size plan (models.image.plan_edit);
+        None from noise. preprocess_only generates nothing: the edit inputs are ignored, but for a map made
+        from the mask (map_takes_mask)."""
+        from models.image import InputImageError, load_mask, load_rgb, plan_edit
+
+        specs = self.condition_specs()
+        map_mask = request.mask_image is not None and any(specs[u.condition].map_takes_mask for u in request.units)
+        editing = request.init_image is not None or request.mask_image is not None
+        if request.preprocess_only and editing:
+            print("preprocess_only: no image is generated, so init_image, strength and mask_blur are ignored"
+                  + ("" if map_mask else ", and mask_image"), flush=True)
+        if request.mode == "txt2img" and not map_mask:
+            return None
+        start = time.perf_counter()
+        source, name = request.edit_source
+        try:
+            photo = images[0] if source is request.units[0].image or request.preprocess_only else load_rgb(source)
+        except InputImageError as exc:
+            raise InputImageError(f"{name}: {exc}") from None
+        try:
+            mask = load_mask(request.mask_image) if request.mask_image is not None else None
+            plan = plan_edit(photo, size, images[0].shape[:2], mask, request.mask_blur)
+        except InputImageError as exc:
+            text = str(exc)
+            raise InputImageError(text if text.startswith("mask_image") else f"mask_image: {text}") from None
+        timings["decode edit"] = time.perf_counter() - start
+        if request.mode != "txt2img":
+            share = "" if plan.mask is None else f", {plan.mask.mean():.0%} masked, mask_blur {request.mask_blur}"
+            print(f"{request.mode} of {name}, strength {request.strength}{share}", flush=True)
+        return plan
+
+    def _control_maps(self, request: Asked, images: list, size: tuple[int, int], timings: dict, edit=None) -> list:
         """Each unit's map at the sample size: its detector's, or its upload's when it is a map."""
         from models.control import ControlUnit, NotAMapError
 
         start = time.perf_counter()
+        specs = self.condition_specs()
         units = []
         for ask, rgb in zip(request.units, images):
             options = dict(ask.options)
+            if edit is not None and edit.mask is not None and specs[ask.condition].map_takes_mask:
+                options["mask"] = edit.mask
             unit = ControlUnit(self.conditions[ask.condition], rgb, ask.strength, ask.start, ask.end, ask.is_map,
                                options.pop("detect_resolution", Inputs.detect_resolution.default), options)
             try:
@@ -417,8 +456,15 @@ class ControlNetPredictor(BasePredictor):
         timings["detect"] = time.perf_counter() - start
         return units
 
-    def _sample(self, request: Asked, units: list, output: tuple[int, int], style: tuple, timings: dict) -> list:
+    def _sample(self, request: Asked, units: list, output: tuple[int, int], style: tuple, timings: dict,
+                edit=None) -> list:
+        """The samples at the returned size; an inpaint's composited onto the photo (its unmasked pixels kept)."""
+        import numpy as np
+        from PIL import Image
+
         from models.pipeline import Request
+
+        editing = edit is not None and request.mode != "txt2img"
 
         start = time.perf_counter()
         lora, embedding = style[0], style[3]
@@ -429,9 +475,14 @@ class ControlNetPredictor(BasePredictor):
                 prompt=request.prompt, negative_prompt=request.negative_prompt, num_samples=request.num_samples,
                 steps=request.steps, guidance_scale=request.scale, eta=request.eta, seed=request.seed,
                 scheduler=request.scheduler, guess_mode=request.guess_mode,
+                init_image=edit.init if editing else None, mask=edit.mask if editing else None,
+                strength=request.strength,
             ))
         timings.update(result.timings)
-        return [_resize_exact(img, output[1], output[0]) for img in result.samples]
+        samples = [_resize_exact(img, output[1], output[0]) for img in result.samples]
+        if not editing or edit.feather is None:
+            return samples
+        return [Image.fromarray(edit.composite(np.asarray(img))) for img in samples]
 
     def _encode(self, request: Asked, units: list, samples: list, timings: dict) -> list[Path]:
         from PIL import Image

@@ -93,6 +93,40 @@ class Asked:
     lora_scale: float
     embedding_url: str
     embedding_token: str
+    # Editing (img2img / inpainting): the uploads as sent; mode() says which one the request asks for.
+    init_image: Any = None
+    mask_image: Any = None
+    strength: float = 0.8
+    mask_blur: int = 4
+
+    @property
+    def mode(self) -> str:
+        """txt2img (from noise), img2img (from init_image) or inpaint (a mask; its photo is init_image, or
+        the first unit's image). preprocess_only generates nothing, so it edits nothing."""
+        if self.preprocess_only or (self.init_image is None and self.mask_image is None):
+            return "txt2img"
+        return "inpaint" if self.mask_image is not None else "img2img"
+
+    @property
+    def edit_source(self) -> Any:
+        """The photo an edit starts from, and its input's name."""
+        if self.init_image is not None:
+            return self.init_image, "init_image"
+        return self.units[0].image, self.units[0].inputs["image"]
+
+
+def _edit_rules(values: dict[str, Any]) -> None:
+    """Editing's rules beyond single bounds (diffusers would say them in its own terms, or not at all)."""
+    editing = values["init_image"] is not None or values["mask_image"] is not None
+    if not editing or values["preprocess_only"]:
+        return
+    strength, steps = values["strength"], values["ddim_steps"]
+    # diffusers runs int(steps * strength) of the steps, and none is an error deep in the pipeline.
+    if int(steps * strength) < 1:
+        raise ValueError(
+            f"strength {strength} of ddim_steps {steps} runs no denoising step: raise strength (above 0) or "
+            f"ddim_steps so that strength x ddim_steps is at least 1"
+        )
 
 
 def asked(values: dict[str, Any], units: tuple[UnitAsk, ...]) -> Asked:
@@ -112,6 +146,7 @@ def asked(values: dict[str, Any], units: tuple[UnitAsk, ...]) -> Asked:
         raise ValueError("embedding_url and embedding_token go together: send both, or neither")
     if token and (any(c.isspace() for c in token) or token.lower() in ("<|startoftext|>", "<|endoftext|>")):
         raise ValueError(f"embedding_token must be one word without spaces, e.g. <my-style>, not {token!r}")
+    _edit_rules(values)
     seed = values["seed"]
     # The originals drew a random seed for any falsy seed (`if not seed`), and -1 meant random in the
     # ControlNet demos.
@@ -126,4 +161,6 @@ def asked(values: dict[str, Any], units: tuple[UnitAsk, ...]) -> Asked:
         return_control_map=values["return_control_map"], preprocess_only=values["preprocess_only"],
         width=values["width"], height=values["height"], lora_url=values["lora_url"], lora_scale=values["lora_scale"],
         embedding_url=values["embedding_url"], embedding_token=token,
+        init_image=values["init_image"], mask_image=values["mask_image"], strength=values["strength"],
+        mask_blur=values["mask_blur"],
     )

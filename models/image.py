@@ -262,3 +262,71 @@ def dark_background_map_problem(control_map: np.ndarray) -> str | None:
     if float(np.mean(grey > 191)) >= DARK_SHARE:
         return "it is mostly light: this condition's maps are light lines on black; invert a dark-on-light drawing"
     return f"only {np.mean(grey < 64):.0%} of its pixels are dark, so it is not a map of light lines on black"
+
+
+# -- editing (img2img, inpainting): the photo and the mask, sized by the request's size plan -------------
+
+MASK_WHITE_FROM = 128  # a grey mask pixel at least this light regenerates
+NOTHING_TO_REGENERATE = (
+    "mask_image has nothing to regenerate: it is all black (below grey 128) in the part used, after any crop to "
+    "width x height; paint white where the image should change"
+)
+
+
+def load_mask(path) -> np.ndarray:
+    """A mask upload as grey 0-255 at its own size. Decoded as any upload (alpha onto white), so its
+    transparent pixels regenerate, as in OpenAI's image-edit API."""
+    return cv2.cvtColor(load_rgb(path), cv2.COLOR_RGB2GRAY)
+
+
+def crop_to_aspect(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-cropped to height:width's aspect, as plan_size crops (within 1% it is left whole)."""
+    h, w = image.shape[:2]
+    if abs(width / height - w / h) <= 0.01 * w / h:
+        return image
+    if w / h > width / height:
+        keep = max(1, round(h * width / height))
+        return image[:, (w - keep) // 2 : (w - keep) // 2 + keep]
+    keep = max(1, round(w * height / width))
+    return image[(h - keep) // 2 : (h - keep) // 2 + keep]
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """Where an edit starts and what an inpaint keeps, at the request's sizes."""
+
+    init: np.ndarray  # RGB at the sample size: the photo sampling starts from
+    original: np.ndarray  # RGB at the returned size: the pixels an inpaint keeps
+    mask: np.ndarray | None = None  # bool at the sample size: True regenerates (None: img2img, all of it)
+    feather: np.ndarray | None = None  # float32 0-1 at the returned size: each pixel's share of the sample
+
+    def composite(self, sample: np.ndarray) -> np.ndarray:
+        """The sample (at the returned size) where the feathered mask is, the original's own pixels,
+        exactly, wherever it is 0."""
+        if self.feather is None:
+            return sample
+        share = self.feather[..., None]
+        mixed = np.rint(self.original * (1.0 - share) + sample * share).astype(np.uint8)
+        return np.where(share > 0, mixed, self.original)
+
+
+def plan_edit(photo: np.ndarray, plan: SizePlan, aspect: tuple[int, int], mask: np.ndarray | None = None,
+              mask_blur: int = 0) -> EditPlan:
+    """The photo (and grey mask) of any size, centre-cropped to `aspect` (height, width: the first unit's
+    image as the size plan crops it) and resized as that image is, so they line up with its map. The mask
+    is resized grey, then thresholded at MASK_WHITE_FROM; at the returned size its edge is feathered by a
+    Gaussian of width 2 x mask_blur + 1, so every pixel farther than mask_blur pixels from the white area
+    is the photo's own."""
+    photo = crop_to_aspect(photo, *aspect)
+    (gen_h, gen_w), (out_h, out_w) = plan.generate, plan.output
+    init, original = resize_to(photo, gen_h, gen_w), resize_to(photo, out_h, out_w)
+    if mask is None:
+        return EditPlan(init, original)
+    mask = crop_to_aspect(mask, *aspect)
+    regenerate = resize_to(mask, gen_h, gen_w) >= MASK_WHITE_FROM
+    if not regenerate.any():
+        raise InputImageError(NOTHING_TO_REGENERATE)
+    feather = (resize_to(mask, out_h, out_w) >= MASK_WHITE_FROM).astype(np.float32)
+    if mask_blur:
+        feather = cv2.GaussianBlur(feather, (2 * mask_blur + 1, 2 * mask_blur + 1), 0)
+    return EditPlan(init, original, regenerate, feather)

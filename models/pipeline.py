@@ -21,6 +21,8 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDIMScheduler,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     UNet2DConditionModel,
 )
@@ -202,12 +204,39 @@ class Request:
     guess_mode: bool = False
     guidance_start: float = 0.0
     guidance_end: float = 1.0
+    # Editing: the photo to start from (RGB at the sample size; None: from noise), the pixels to
+    # regenerate (bool at the sample size; None: all of them), and how much of the photo is regenerated.
+    init_image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    strength: float = 0.8
+
+    @property
+    def mode(self) -> str:
+        return "txt2img" if self.init_image is None else "img2img" if self.mask is None else "inpaint"
 
 
 @dataclass
 class Result:
     samples: list[Image.Image]
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+
+
+# The editing pipelines, built around the loaded pipeline's own modules (EDIT_MODULES): one set of weights.
+EDIT_PIPELINES = {
+    "img2img": StableDiffusionControlNetImg2ImgPipeline, "inpaint": StableDiffusionControlNetInpaintPipeline,
+}
+EDIT_MODULES = ("vae", "text_encoder", "tokenizer", "unet", "controlnet", "scheduler")
+
+
+class EditRefusedError(ValueError):
+    """An editing pipeline refused the request; the message is in the client's terms."""
+
+
+def _client_terms(mode: str, message: str) -> str:
+    """diffusers' editing pipelines check `control_image` but call it `image` in every message (diffusers
+    #14057), and their own `image` is our init_image: say which is which."""
+    message = message.replace("`image`", "the control map").replace("image batch size", "control map batch size")
+    return f"{mode} could not run this request ({message}); check the control image, init_image and mask_image"
 
 
 class ControlNetRunner:
@@ -238,6 +267,7 @@ class ControlNetRunner:
         self.log = log
         # Kept apart from the pipeline's scheduler: each request gets a fresh instance built from it.
         self.scheduler_config = dict(pipe.scheduler.config)
+        self._edit_pipes: dict[str, object] = {}
 
     @property
     def detector(self):
@@ -317,11 +347,49 @@ class ControlNetRunner:
             control_guidance_start=[u.start for u in units], control_guidance_end=[u.end for u in units],
         )
 
+    def pipeline_for(self, mode: str):
+        """The pipeline of a mode: the loaded one for txt2img; for img2img and inpaint, diffusers' pipeline of
+        that mode around the loaded pipeline's modules, built on first use and given the loaded pipeline's
+        current modules each time (its own are replaced by compiled or patched ones after loading). Not
+        `from_pipe`: it refuses a pipeline without a ControlNet of its own (the multi image's) and moves
+        modules to its dtype."""
+        if mode == "txt2img":
+            return self.pipe
+        modules = {name: getattr(self.pipe, name) for name in EDIT_MODULES}
+        edit = self._edit_pipes.get(mode)
+        if edit is None:
+            edit = EDIT_PIPELINES[mode](**modules, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)
+            edit.set_progress_bar_config(disable=True)
+            self._edit_pipes[mode] = edit
+        for name, module in modules.items():
+            if getattr(edit, name) is not module:
+                setattr(edit, name, module)
+        return edit
+
+    def _edit_inputs(self, request: Request) -> dict:
+        """The editing pipeline's own inputs. The maps go in as `control_image` there."""
+        if request.mode == "txt2img":
+            return {}
+        # diffusers runs int(steps x strength) steps, and with none fails deep inside (an empty batch).
+        if int(request.steps * request.strength) < 1:
+            raise EditRefusedError(f"{request.mode}: strength x ddim_steps runs no denoising step; raise strength "
+                                   "or ddim_steps")
+        inputs = dict(image=Image.fromarray(request.init_image), strength=request.strength)
+        if request.mask is not None:
+            inputs["mask_image"] = Image.fromarray(np.where(request.mask, np.uint8(255), np.uint8(0)))
+        return inputs
+
     @torch.inference_mode()
     def generate(self, control: np.ndarray | Sequence[ControlUnit], request: Request) -> Result:
         """`control`: the units (maps made, at the sample size), or one map for the pipeline's own ControlNet."""
-        pipe, timings = self.pipe, {}
+        timings, mode = {}, request.mode
+        pipe = self.pipeline_for(mode)
+        # Always our units' strengths: the editing pipelines' own defaults (0.8, 0.5) never apply.
         controls = self._controls(control, request)
+        edit = self._edit_inputs(request)
+        if edit:
+            controls["control_image"] = controls.pop("image")
         cfg = request.guidance_scale > 1.0
 
         start = time.perf_counter()
@@ -330,7 +398,7 @@ class ControlNetRunner:
             self._warn_if_truncated("negative prompt", request.negative_prompt)
         # Encoded here rather than inside the pipeline so the stage can be timed; the pipeline repeats
         # the embeddings per sample exactly as it would have.
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
+        prompt_embeds, negative_embeds = self.pipe.encode_prompt(
             request.prompt, pipe.device, 1, cfg, negative_prompt=request.negative_prompt
         )
         timings["encode prompt"] = time.perf_counter() - start
@@ -353,7 +421,12 @@ class ControlNetRunner:
                 callback_on_step_end=self._progress(self.log),
                 output_type="latent",
                 **controls,
+                **edit,
             ).images
+        except (ValueError, TypeError) as exc:
+            if not edit:
+                raise
+            raise EditRefusedError(_client_terms(mode, str(exc))) from None
         finally:
             pipe.scheduler, pipe.controlnet = scheduler, controlnet
         _check_finite(latents, "denoising")

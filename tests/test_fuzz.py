@@ -26,7 +26,7 @@ from tests.conftest import SERVED
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))
 CONDITIONS = SERVED  # FUZZ_CONDITIONS, or every condition the suite serves together
-URL_FIELDS = ("image", "input_image", "lora_url", "embedding_url",
+URL_FIELDS = ("image", "input_image", "lora_url", "embedding_url", "init_image", "mask_image",
               *(f"controlnet_{n}_image" for n in range(1, 4)))  # `make fuzz COND=multi`: its units' images
 
 

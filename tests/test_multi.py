@@ -287,6 +287,29 @@ def test_inconsistent_units_fail_with_the_fix_and_the_server_serves_on(server):
     assert len(two["output"]) == 3
 
 
+def test_editing_over_http_edits_the_first_units_image_and_keeps_its_unmasked_pixels(server):
+    """#20 on the multi image: a mask without init_image edits controlnet_1_image; init_image is img2img."""
+    import cv2
+    from PIL import ImageDraw
+
+    upload = drawing(160, 120)
+    mask = Image.new("L", upload.size, 0)
+    ImageDraw.Draw(mask).rectangle((40, 30, 100, 80), fill=255)
+    base = dict(GOOD, ddim_steps=2, width=160, height=120, **unit(1, "canny", data_uri(png_bytes(upload))),
+                **unit(2, "scribble", data_uri(png_bytes(upload.rotate(180)))))
+    runs = {}
+    for name, edit in [("plain", {}), ("inpaint", {"mask_image": data_uri(png_bytes(mask))}),
+                       ("img2img", {"init_image": data_uri(png_bytes(upload.rotate(90)))})]:
+        body = server.predict(base | edit).json()
+        assert body["status"] == "succeeded", (name, body.get("error"))
+        assert len(body["output"]) == 3  # the two units' maps, then the sample
+        runs[name] = np.asarray(decode(body["output"][-1])).astype(np.int16)
+    keep = cv2.dilate(np.asarray(mask) // 255, np.ones((9, 9), np.uint8)) == 0
+    np.testing.assert_array_equal(runs["inpaint"][keep], np.asarray(upload).astype(np.int16)[keep])
+    assert differs(runs["inpaint"], runs["plain"]) and differs(runs["img2img"], runs["plain"])
+    assert differs(runs["img2img"], runs["inpaint"])
+
+
 def test_the_playground_builds_the_multi_form_from_the_schema_and_runs_two_units(server, tmp_path):
     from tests.test_first_run import CHROMIUM_FLAGS, find_chromium
 

@@ -3,8 +3,10 @@
 import base64
 import time
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 import weights
 from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS
@@ -74,6 +76,7 @@ def test_new_controls_default_to_the_jagilley_behaviour(servers):
         "control_guidance_end": 1.0, "scheduler": "DDIM", "control_image_is_map": False,
         "return_control_map": True, "preprocess_only": False, "width": 0, "height": 0,
         "lora_url": "", "lora_scale": 1.0, "embedding_url": "", "embedding_token": "",
+        "init_image": None, "mask_image": None, "strength": 0.8, "mask_blur": 4,
     }
 
 
@@ -291,6 +294,18 @@ def test_each_controlnet_11_image_serves_through_its_own_server(tmp_path):
             if condition == "inpaint":  # an opaque upload: what it needs, and the server keeps serving
                 body = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD}).json()
                 assert body["status"] == "failed" and "inpaint needs a mask" in body["error"]
+                # ... or a mask_image (#20): the map from image and mask, the pixels outside it kept
+                mask = Image.new("L", (400, 300), 0)
+                mask.paste(255, (100, 60, 260, 200))
+                opaque = drawing()
+                body = server.predict({"image": data_uri(png_bytes(opaque)), "mask_image": data_uri(png_bytes(mask)),
+                                       **GOOD, "width": 400, "height": 300}).json()
+                assert body["status"] == "succeeded", body.get("error")
+                control, sample = (np.asarray(decode(uri)) for uri in body["output"])
+                assert (control[..., 3] == 0).any() and (control[..., 3] == 255).any()
+                far = np.ones((300, 400), bool)
+                far[60 - 5 : 200 + 5, 100 - 5 : 260 + 5] = False  # the mask (rows 60-199, columns 100-259) grown by 5
+                assert np.array_equal(sample[far], np.asarray(opaque)[far])
             if condition == "lineart":  # a photo sent as a map is refused as on the other images
                 body = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD, "control_image_is_map": True}).json()
                 assert body["status"] == "failed" and "control_image_is_map is on" in body["error"]

@@ -1,14 +1,14 @@
 """ControlNet 1.1's inpaint condition: the upload, with the pixels to repaint masked out.
 
 The 1.1 model was trained on the image with masked pixels set to -1 (outside the 0-1 range of every
-other map). Until the editing inputs (a separate `mask_image`) exist, the mask is the upload's own alpha
-channel: transparent pixels (alpha below 128) are the ones to repaint, as in OpenAI's image-edit API.
+other map). The mask is the request's `mask_image` when it sends one (white repaints; the predictor
+hands it over at the sample size, and the request then inpaints: cog_base's editing path keeps every
+pixel outside it). Without one, it is the upload's own alpha channel: transparent pixels (alpha below
+128) are the ones to repaint, as in OpenAI's image-edit API; that path only conditions generation on
+the unmasked pixels (the samples are generated whole and may differ outside the mask too).
 The map is returned as RGBA with those pixels transparent; the pipeline turns them into -1
 (models.pipeline.control_image). As in the 1.1 demo, the mask is resized to the sample size, blurred
 (sigma 5 px) and thresholded at one half, which rounds its corners and drops specks.
-
-This only conditions generation on the unmasked pixels: the samples are generated whole (txt2img) and
-may differ outside the mask too; keeping the original pixels there comes with the editing inputs.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from models.image import MAX_INPUT_PIXELS, InputImageError
 OPAQUE_FROM = 128  # alpha at or above this keeps the pixel
 MASK_BLUR = 5.0  # the 1.1 demo's default "Mask Blur" (Gaussian sigma, in sample pixels)
 NEEDS_MASK = (
-    "inpaint needs a mask: send a PNG or WebP whose transparent pixels (alpha 0) mark what to repaint; "
-    "the image has none (in the part used, after any crop to width x height)"
+    "inpaint needs a mask: send mask_image (white where to repaint), or a PNG or WebP whose transparent pixels "
+    "(alpha 0) mark what to repaint; the image has none (in the part used, after any crop to width x height)"
 )
 EMPTY_MASK = "inpaint: the transparent area is too small to repaint at this size (under a few pixels); make it larger"
 NO_UPLOADED_MAP = (

@@ -12,14 +12,18 @@ class Predictor(ControlNetPredictor):
     detector = "models.detectors.inpaint:InpaintDetector"
     detect_at_resolution = False  # the map is the upload (and its mask) at the sample size
 
+    map_takes_mask = True  # a mask_image makes the map (and inpaints)
+
     def units_asked(self, values):
-        # The mask is the upload's alpha channel, which decoding the image composites away: read it here
-        # and hand it to the detector as its option.
+        # Without a mask_image, the mask is the upload's alpha channel, which decoding the image composites
+        # away: read it here and hand it to the detector as its option.
         from models.detectors.inpaint import request_mask
 
         units = super().units_asked(values)
         unit = units[0]
-        unit.options["mask"] = request_mask(unit.image, values["image_resolution"], values["width"], values["height"])
+        if values["mask_image"] is None:
+            unit.options["mask"] = request_mask(unit.image, values["image_resolution"], values["width"],
+                                                values["height"])
         return units
 
     def predict(
@@ -48,5 +52,9 @@ class Predictor(ControlNetPredictor):
         lora_scale: float = Inputs.lora_scale,
         embedding_url: str = Inputs.embedding_url,
         embedding_token: str = Inputs.embedding_token,
+        init_image: Optional[Path] = Inputs.init_image,
+        mask_image: Optional[Path] = Inputs.mask_image,
+        strength: float = Inputs.strength,
+        mask_blur: int = Inputs.mask_blur,
     ) -> List[Path]:
         return self.predict_with(locals())

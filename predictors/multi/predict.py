@@ -58,6 +58,10 @@ class Predictor(MultiControlNetPredictor):
         lora_scale: float = Inputs.lora_scale,
         embedding_url: str = Inputs.embedding_url,
         embedding_token: str = Inputs.embedding_token,
+        init_image: Optional[Path] = Inputs.init_image,
+        mask_image: Optional[Path] = Inputs.mask_image,
+        strength: float = Inputs.strength,
+        mask_blur: int = Inputs.mask_blur,
     ) -> List[Path]:
         """Up to three ControlNet units in one request. Returns the control map of each active unit, in
         unit order (unless return_control_map is off), then the samples."""

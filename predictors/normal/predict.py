@@ -39,5 +39,9 @@ class Predictor(ControlNetPredictor):
         lora_scale: float = Inputs.lora_scale,
         embedding_url: str = Inputs.embedding_url,
         embedding_token: str = Inputs.embedding_token,
+        init_image: Optional[Path] = Inputs.init_image,
+        mask_image: Optional[Path] = Inputs.mask_image,
+        strength: float = Inputs.strength,
+        mask_blur: int = Inputs.mask_blur,
     ) -> List[Path]:
         return self.predict_with(locals())
