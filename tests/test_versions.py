@@ -1,6 +1,6 @@
 """controlnet_version on the eight images that served a ControlNet 1.0 model: 1.0 stays bit-identical,
 1.1 runs its own ControlNet (and its own detector where 1.1 changed it). Tiny weights, plain method;
-one image through the real Cog server."""
+one image through the real Cog server (test_server.py checks the input is the same in every schema)."""
 
 import json
 import time
@@ -174,8 +174,9 @@ def test_pose_hands_and_face_change_the_map_and_11_draws_the_body_its_way():
     body = detector(canvas)
     assert detector._hand is None  # hands and face load when first asked for
     full = detector(canvas, pose_hands_face=True)
-    changed = np.any(full != body, axis=2)
-    assert changed.any() and not changed[:, :60].any()  # drawn near the person, not elsewhere
+    assert np.any(full != body)
+    white = lambda m: np.all(m == 255, axis=2).any()  # noqa: E731  face keypoints; no body colour is white
+    assert white(full) and not white(body)
     assert np.any(detector(canvas, drawing="1.1") != body)
     # The pose image passes both through: its own option, and 1.1's drawing with its version.
     assert predictor_class("pose").versions["1.1"].fixed_options == {"drawing": "1.1"}
@@ -185,23 +186,16 @@ def test_pose_hands_and_face_change_the_map_and_11_draws_the_body_its_way():
 
 def test_normal_serves_both_versions_through_the_cog_server(tmp_path):
     from scripts.cog_server import CogServer
-    from tests.test_server import GOOD, schema_inputs, served_schema
+    from tests.test_server import GOOD, schema_inputs
 
-    shared = served_schema("canny")["components"]["schemas"]
-    for condition in VERSIONED[1:]:  # the same input in every schema that has it
-        schemas = served_schema(condition)["components"]["schemas"]
-        assert schemas["controlnet_version"] == shared["controlnet_version"] == {
-            "title": "controlnet_version", "description": shared["controlnet_version"]["description"],
-            "enum": ["1.0", "1.1"], "type": "string"}
-        own, theirs = schemas["Input"]["properties"], shared["Input"]["properties"]
-        assert {k: v for k, v in own["controlnet_version"].items() if k != "x-order"} == {
-            k: v for k, v in theirs["controlnet_version"].items() if k != "x-order"}
     start = time.monotonic()
     with CogServer("normal", log_path=tmp_path / "normal.log") as server:
         print(f"normal: READY after {time.monotonic() - start:.0f}s", flush=True)
-        props = schema_inputs(server)[1]["properties"]
+        schema, inputs = schema_inputs(server)
+        props = inputs["properties"]
         assert list(props) == [*JAGILLEY_INPUTS, *predictor_class("normal").extra_inputs, *CONTROLS]
         assert props["controlnet_version"]["default"] == "1.0"
+        assert schema["components"]["schemas"]["controlnet_version"]["enum"] == ["1.0", "1.1"]
         outputs = {}
         for version in ("1.0", "1.1"):
             body = server.predict({"image": data_uri(png_bytes(drawing())), **GOOD, "controlnet_version": version}).json()
