@@ -11,7 +11,9 @@ class Predictor(ControlNetPredictor):
     condition = "seg"
     detector = "models.detectors.seg:SegDetector"
     map_interpolation = "nearest"  # the map must hold palette colours only
-    versions = {"1.1": Version()}  # 1.1's seg model still reads ADE20K-palette maps, which this segmenter makes
+    # 1.1's seg model still reads ADE20K-palette maps, which this segmenter makes. Its demo resized them
+    # bilinearly; nearest is kept, so that every map pixel stays a palette colour (a blend names no class).
+    versions = {"1.1": Version()}
 
     def predict(
         self,
