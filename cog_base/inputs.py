@@ -53,6 +53,18 @@ class Inputs:
         description="Soft edge detector: PiDiNet or HED; the _safe variants quantise edge strength, hiding faint gradients",
         choices=["pidinet", "pidinet_safe", "hed", "hed_safe"], default="pidinet",
     )
+    # OpenPose's hand and face networks (controlnet_aux's include_hand / include_face); off keeps 1.0's body-only map.
+    pose_hands_face = Input(
+        description="Also detect hands and face and draw them on the map (ControlNet 1.1 was trained with them); "
+        "off: the body only, as ControlNet 1.0",
+        default=False,
+    )
+    # The images that served a ControlNet 1.0 model carry its 1.1 retraining too (and 1.1's detector where it changed).
+    controlnet_version = Input(
+        description="ControlNet model: 1.0 (jagilley's, unchanged) or 1.1 (lllyasviel's retrained model, with 1.1's "
+        "detector where it differs)",
+        choices=["1.0", "1.1"], default="1.0",
+    )
     # The published jagilley/controlnet-hed names its image `input_image`; that image takes either.
     image_or_input_image = Input(description="Input image (URL or data: URI); or send it as input_image", default=None)
     input_image = Input(description="Same as image (the name jagilley/controlnet-hed clients send)", default=None)

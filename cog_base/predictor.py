@@ -23,6 +23,7 @@ import tempfile
 import time
 import uuid
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from cog import BasePredictor, Path
@@ -41,6 +42,29 @@ N_PROMPT = Inputs.n_prompt.default
 ALIASES = {"image": ("image_or_input_image",)}
 # Inputs that carry the unit's image rather than a detector option.
 IMAGE_INPUTS = ("input_image",)
+# The input that picks the unit's ControlNet version (and with it the detector): not a detector option either.
+VERSION_INPUT = "controlnet_version"
+DEFAULT_VERSION = Inputs.controlnet_version.default
+
+
+@dataclass(frozen=True)
+class Version:
+    """What another ControlNet version changes in an image's condition; None keeps the default version's.
+    Its ControlNet is the manifest's `controlnet@<version>` component, its detector's weights
+    `detector@<version>` where it has its own (else the default's detector folder).
+
+    detector             "module:Class" of its own detector (None: the default version's, the same instance)
+    detect_at_resolution, map_interpolation  as the class attributes of the same names
+    options              the detector options it takes (None: all of the image's); a client who sets another
+                         one to a non-default value is told that it does not apply
+    fixed_options        options it always passes its detector (how 1.1 drew what the same network found)
+    """
+
+    detector: str | None = None
+    detect_at_resolution: bool | None = None
+    map_interpolation: str | None = None
+    options: tuple[str, ...] | None = None
+    fixed_options: dict = field(default_factory=dict)
 
 
 class ExpectedFault(RuntimeError):
@@ -78,6 +102,8 @@ class ControlNetPredictor(BasePredictor):
                          where the map is the upload itself)
     cog_weights          what COG_WEIGHTS replaces: "base" (a fine-tuned SD 1.5 checkpoint) or
                          "controlnet" (a trained ControlNet)
+    versions             the other ControlNet versions the image serves (controlnet_version), each a
+                         Version saying what it changes; the default version is the attributes above
     head_inputs, tail_inputs  the shared inputs before and after the image's own (JAGILLEY_INPUTS and
                          CONTROLS: a single-condition image carries its one unit's inputs among them)
     map_takes_mask       the detector takes the request's inpainting mask (mask_image) as its `mask`
@@ -95,6 +121,7 @@ class ControlNetPredictor(BasePredictor):
     fields: ClassVar[dict[str, Any]] = {}
     cog_weights: ClassVar[str] = "base"
     map_takes_mask: ClassVar[bool] = False
+    versions: ClassVar[dict[str, Version]] = {}
     head_inputs: ClassVar[tuple[str, ...]] = JAGILLEY_INPUTS
     tail_inputs: ClassVar[tuple[str, ...]] = CONTROLS
 
@@ -133,7 +160,21 @@ class ControlNetPredictor(BasePredictor):
 
     @classmethod
     def detector_options(cls) -> tuple[str, ...]:
-        return tuple(name for name in cls.extra_inputs if name not in IMAGE_INPUTS)
+        return tuple(name for name in cls.extra_inputs if name not in (*IMAGE_INPUTS, VERSION_INPUT))
+
+    @classmethod
+    def version_options(cls, values: dict[str, Any], version: str) -> dict[str, Any]:
+        """The detector options `version`'s detector takes, from the request's values (detect_resolution
+        among them where the image has it)."""
+        options = {name: values[name] for name in cls.detector_options()}
+        if version not in cls.versions:
+            return options
+        declared = cls.versions[version]
+        for name in [n for n in options if declared.options is not None and n not in (*declared.options, "detect_resolution")]:
+            if options.pop(name) != cls.fields[name].default:
+                raise ValueError(f"{name} does not apply to {VERSION_INPUT} {version} (its detector has no such "
+                                 f"option): leave it at its default, or send {VERSION_INPUT} {DEFAULT_VERSION}")
+        return {**options, **declared.fixed_options}
 
     # No `weights` parameter: given one, Cog 0.16.12 passes Path("weights") whenever a `weights` entry
     # sits in the working directory (our package always does) and reads a COG_WEIGHTS URL whole into
@@ -197,12 +238,57 @@ class ControlNetPredictor(BasePredictor):
                 spec.detect_at_resolution, spec.map_interpolation, getattr(cls, "map_problem", None),
                 controlnet=None if found is self.weights else found.controlnet,  # None: the pipeline's own
             )
+        self.versioned = self._versioned_conditions()
         store = ControlNets(lambda folder: load_controlnet(folder, str(pipe.device)), max_controlnets_from_env(),
                             release=release_memory)
         runner = ControlNetRunner(pipe, condition=self.conditions.get(self.condition), controlnets=store)
         if self.condition in self.conditions:
             runner.detector  # noqa: B018  loads it
         return runner
+
+    def _versioned_conditions(self) -> dict[tuple[str, str], Any]:
+        """(condition, version) -> Condition for each other ControlNet version an image declares; None where
+        its weights lack that version's ControlNet. Its ControlNet loads on first use, through the same
+        store (CONTROLNET_MAX_LOADED) as a combined image's: a 1.0 client's server never holds it, and
+        setup takes no longer than before. Its own detector loads when first needed; else it shares the
+        default version's detector (one instance)."""
+        from models.control import Condition
+
+        versioned = {}
+        for name, spec in self.condition_specs().items():
+            found, default = self.weights.of(name), self.conditions[name]
+            for version, declared in spec.versions.items():
+                controlnet = found.folders.get(f"controlnet{weights.VERSION_MARK}{version}")
+                if controlnet is None:
+                    versioned[(name, version)] = None
+                    continue
+                if declared.detector:
+                    module, _, cls_name = declared.detector.partition(":")
+                    cls = getattr(importlib.import_module(module), cls_name)
+                    folder = found.folders.get(f"detector{weights.VERSION_MARK}{version}", found.detector)
+                    load = lambda cls=cls, folder=folder: cls.from_weights(folder)  # noqa: E731
+                    check = getattr(cls, "map_problem", None)
+                else:
+                    load, check = (lambda default=default: default.detector), default.map_check
+                versioned[(name, version)] = Condition(
+                    name, load,
+                    spec.detect_at_resolution if declared.detect_at_resolution is None else declared.detect_at_resolution,
+                    declared.map_interpolation or spec.map_interpolation, check, controlnet=controlnet,
+                )
+        return versioned
+
+    def condition_of(self, ask: UnitAsk):
+        """The Condition a unit uses: its condition at its ControlNet version."""
+        if ask.version == DEFAULT_VERSION:
+            return self.conditions[ask.condition]
+        found = self.versioned.get((ask.condition, ask.version))
+        if found is None:
+            raise ValueError(
+                f"{VERSION_INPUT} {ask.version} is not available on this server: its weights lack the {ask.condition} "
+                f"ControlNet {ask.version} (the operator runs `make weights COND={self.condition}`). Send "
+                f"{VERSION_INPUT} {DEFAULT_VERSION}"
+            )
+        return found
 
     def warm_up_inputs(self, image: Path) -> dict[str, Any]:
         """The inputs of a warm-up request besides its size, for this image's signature."""
@@ -350,13 +436,14 @@ class ControlNetPredictor(BasePredictor):
     def units_asked(self, values: dict[str, Any]) -> tuple[UnitAsk, ...]:
         """A single-condition image's one unit, from the unit inputs among the shared ones."""
         image, input_image = values["image"], values.get("input_image")
+        version = values.get(VERSION_INPUT, DEFAULT_VERSION)
         if (image is None) == (input_image is None):
             raise ValueError("send the image as exactly one of `image` or `input_image`" if image is not None
                              else "image is required: send it as `image` (a URL or data: URI)")
         return (UnitAsk(
             self.condition, image if image is not None else input_image, values["controlnet_conditioning_scale"],
             values["control_guidance_start"], values["control_guidance_end"], values["control_image_is_map"],
-            {name: values[name] for name in self.detector_options()}, SINGLE_UNIT_INPUTS,
+            self.version_options(values, version), SINGLE_UNIT_INPUTS, version=version,
         ),)
 
     def _fetch_style(self, request: Asked, timings: dict) -> tuple:
@@ -444,7 +531,7 @@ class ControlNetPredictor(BasePredictor):
             options = dict(ask.options)
             if edit is not None and edit.mask is not None and specs[ask.condition].map_takes_mask:
                 options["mask"] = edit.mask
-            unit = ControlUnit(self.conditions[ask.condition], rgb, ask.strength, ask.start, ask.end, ask.is_map,
+            unit = ControlUnit(self.condition_of(ask), rgb, ask.strength, ask.start, ask.end, ask.is_map,
                                options.pop("detect_resolution", Inputs.detect_resolution.default), options)
             try:
                 unit.make_map(size)

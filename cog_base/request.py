@@ -44,7 +44,7 @@ def check(name: str, value: Any, entry) -> Any:
 class UnitAsk:
     """One unit of control as asked. `image` is the upload (a path), `options` the detector's own
     options (detect_resolution among them), `inputs` the client's names for the unit's fields (for
-    messages), `label` the name of its map's output file."""
+    messages), `label` the name of its map's output file, `version` its ControlNet's version."""
 
     condition: str
     image: Any
@@ -55,6 +55,7 @@ class UnitAsk:
     options: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)
     label: str = "control"
+    version: str = "1.0"  # the ControlNet version (controlnet_version)
 
 
 # How a single-condition image names its one unit's fields.

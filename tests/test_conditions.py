@@ -95,8 +95,9 @@ def test_an_input_defined_outside_the_registry_is_refused():
 
 
 def test_extra_inputs_are_read_from_the_signature():
-    assert predictor_class("canny").extra_inputs == ("low_threshold", "high_threshold")
-    assert predictor_class("scribble").extra_inputs == ()
+    assert predictor_class("canny").extra_inputs == ("low_threshold", "high_threshold", "controlnet_version")
+    assert predictor_class("canny").detector_options() == ("low_threshold", "high_threshold")
+    assert predictor_class("scribble").extra_inputs == ("controlnet_version",)
     assert predictor_class("lineart").extra_inputs == ("detect_resolution", "lineart_preprocessor")
     assert predictor_class("softedge").extra_inputs == ("detect_resolution", "softedge_preprocessor")
     assert predictor_class("inpaint").extra_inputs == ()

@@ -4,9 +4,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from controlnet_aux.open_pose.model import bodypose_model
+from controlnet_aux.open_pose.face import FaceNet
+from controlnet_aux.open_pose.model import bodypose_model, handpose_model
 
-from models.detectors.pose import NO_PERSON, WEIGHTS_FILE, PoseDetector, _network, draw_bodypose
+from models.detectors.pose import FACE_FILE, HAND_FILE, NO_PERSON, WEIGHTS_FILE, PoseDetector, _network, draw_bodypose
 from tests.conftest import drawing
 
 # ControlNet 1.0's annotator/openpose/util.py palette: keypoint i and limb i are drawn in colour i.
@@ -137,7 +138,13 @@ def folder(tmp_path_factory):
 
 
 def test_tiny_file_has_the_real_key_names_narrower(folder):
-    assert sorted(p.name for p in folder.iterdir()) == [WEIGHTS_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([WEIGHTS_FILE, HAND_FILE, FACE_FILE])
+    # The hand file's keys lack the block prefix as the body's; the face file keeps FaceNet's names.
+    with torch.device("meta"):
+        hand = {key.split(".", 1)[1] for key in handpose_model().state_dict()}
+        face = set(FaceNet().state_dict())
+    assert set(torch.load(folder / HAND_FILE, weights_only=True)) == hand
+    assert set(torch.load(folder / FACE_FILE, weights_only=True)) == face
     saved = torch.load(folder / WEIGHTS_FILE, weights_only=True)
     with torch.device("meta"):
         real = {key.split(".", 1)[1]: value for key, value in bodypose_model().state_dict().items()}

@@ -276,7 +276,8 @@ def test_plain_docker_images_carry_the_labels_cog_build_writes(tmp_path):
     inputs = schema["components"]["schemas"]["Input"]
     from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS
 
-    assert list(inputs["properties"]) == [*JAGILLEY_INPUTS, "low_threshold", "high_threshold", *CONTROLS]
+    assert list(inputs["properties"]) == [*JAGILLEY_INPUTS, "low_threshold", "high_threshold", "controlnet_version",
+                                         *CONTROLS]
     assert sorted(inputs["required"]) == ["image", "prompt"] and inputs["properties"]["ddim_steps"]["default"] == 20
     assert "/predictions" in schema["paths"] and schema["components"]["schemas"]["Output"]["type"] == "array"
     assert f"cog=={pinned_sdk()}" in labels["run.cog.pip_freeze"]

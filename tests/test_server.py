@@ -62,6 +62,9 @@ def test_shared_inputs_are_identical_in_every_schema(servers):
             assert same_but_order(inputs["properties"][name], reference["properties"][name]), (condition, name)
         for enum in ("num_samples", "image_resolution", "scheduler"):
             assert schema["components"]["schemas"][enum] == reference_schema["components"]["schemas"][enum]
+        if "controlnet_version" in inputs["properties"]:  # the eight images that had a 1.0 model
+            assert same_but_order(inputs["properties"]["controlnet_version"], reference["properties"]["controlnet_version"])
+            assert schema["components"]["schemas"]["controlnet_version"]["enum"] == ["1.0", "1.1"]
     detecting = [inputs["properties"]["detect_resolution"] for _, inputs in schemas.values()
                  if "detect_resolution" in inputs["properties"]]
     assert len(detecting) >= 1 and all(d == detecting[0] for d in detecting)

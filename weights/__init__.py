@@ -22,10 +22,11 @@ COMBINED: dict[str, tuple[str, ...]] = {name: tuple(conds) for name, conds in MA
 # Every image this repo builds: one per condition, then the combined ones.
 IMAGES: tuple[str, ...] = CONDITIONS + tuple(COMBINED)
 MARKER = ".complete.json"
+VERSION_MARK = "@"  # a role of another ControlNet version than the image's default: controlnet@1.1
 TINY = "tiny"
-# Bumped whenever weights/tiny.py writes something different (2: word-level tokenizer), so tiny
-# weights written by an older generator are rewritten instead of loaded.
-TINY_GENERATOR = 2
+# Bumped whenever weights/tiny.py writes something different (2: word-level tokenizer; 3: pose's hand and
+# face networks), so tiny weights written by an older generator are rewritten instead of loaded.
+TINY_GENERATOR = 3
 
 
 class MissingWeightsError(RuntimeError):
@@ -51,10 +52,17 @@ def components(condition: str) -> dict[str, str]:
     if condition in COMBINED:
         roles = {"base": components(COMBINED[condition][0])["base"]}
         for cond in COMBINED[condition]:
-            roles.update({f"{cond}.{role}": name for role, name in components(cond).items() if role != "base"})
+            # Each unit runs its condition's default version: another version's components would be dead weight.
+            roles.update({f"{cond}.{role}": name for role, name in components(cond).items()
+                          if role != "base" and not version_of(role)})
         return roles
     conditions_of(condition)  # an unknown name is an error that lists the known ones
     return {role: name for role, name in MANIFEST["conditions"][condition].items() if name}
+
+
+def version_of(role: str) -> str | None:
+    """The ControlNet version a role belongs to (`controlnet@1.1` -> "1.1"); None for the default version's."""
+    return role.partition(VERSION_MARK)[2] or None
 
 
 def marker(folder: Path) -> dict | None:
@@ -71,7 +79,7 @@ def write_marker(folder: Path, **info) -> None:
 def revision(name: str) -> str:
     """The pinned revision; a component derived from a base (`from_unet`) follows that base's."""
     spec = MANIFEST["components"][name]
-    return revision(spec["from_unet"]) if "from_unet" in spec else spec["revision"]
+    return revision(spec["from_unet"]) if "from_unet" in spec else spec["revision"]  # None: unpinned
 
 
 def is_complete(folder: Path, name: str, tiny: bool) -> bool:
@@ -80,8 +88,10 @@ def is_complete(folder: Path, name: str, tiny: bool) -> bool:
         return False
     if tiny:
         return info.get("tiny") is True and info.get("generator") == TINY_GENERATOR
-    # A download of another revision is stale: the manifest is the source of truth.
-    return info.get("revision") == revision(name)
+    # A download of another revision, or of other files (pose's hand and face files came later), is stale:
+    # the manifest is the source of truth.
+    files = MANIFEST["components"][name].get("files")
+    return info.get("revision") == revision(name) and info.get("files", files) == files
 
 
 @dataclass(frozen=True)
@@ -114,10 +124,14 @@ class WeightSet:
 
 
 def _folders(condition: str, tiny: bool) -> dict[str, Path] | None:
+    """Every default-version folder complete, or None; another version's folders only where complete (weights
+    made before that version was added, or a component without a pinned revision, still serve the default)."""
     base = root() / TINY if tiny else root()
-    folders = {role: base / name for role, name in components(condition).items()}
-    if all(is_complete(folder, components(condition)[role], tiny) for role, folder in folders.items()):
-        return folders
+    names = components(condition)
+    folders = {role: base / name for role, name in names.items()}
+    complete = {role: is_complete(folder, names[role], tiny) for role, folder in folders.items()}
+    if all(done for role, done in complete.items() if not version_of(role)):
+        return {role: folder for role, folder in folders.items() if complete[role]}
     return None
 
 
@@ -131,8 +145,9 @@ def locate(condition: str, prefer: str | None = None) -> WeightSet:
         folders = _folders(condition, tiny)
         if folders is not None:
             return WeightSet(condition, tiny, folders)
+    required = [name for role, name in components(condition).items() if not version_of(role)]
     missing = ", ".join(
-        str(root() / name) for name in dict.fromkeys(components(condition).values()) if not is_complete(root() / name, name, False)
+        str(root() / name) for name in dict.fromkeys(required) if not is_complete(root() / name, name, False)
     )
     fixes = {
         "real": f"`make weights COND={condition}` (downloads the real weights; needs internet)",

@@ -55,6 +55,10 @@ def download_component(name: str, dest: Path) -> None:
         weights.write_marker(dest, from_unet=spec["from_unet"], revision=weights.revision(name))
         print(f"{name}: complete", flush=True)
         return
+    if spec.get("revision") is None:  # never a moving branch: the image serves its default version without it
+        print(f"{name}: NOT downloaded: {spec['repo']} has no pinned revision in weights/manifest.json "
+              f"({spec.get('unpinned', 'unpinned')}). Pin its commit id there to fetch it.", flush=True)
+        return
     what = f"{spec['repo']}@{spec['revision'][:10]}"
     check_reachable(endpoint(), what)
     print(f"{name}: downloading {what} ({', '.join(spec['files'])}) -> {dest}", flush=True)

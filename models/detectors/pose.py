@@ -4,14 +4,17 @@ The network and its keypoint search (peaks, part affinity fields, people) are co
 pytorch-openpose code lllyasviel's annotator used, with one change of its 1.1 edit: it resamples heatmaps with
 area/Lanczos instead of bicubic, which can move a keypoint by a pixel. The drawing is 1.0's, not
 controlnet_aux's (1.1 dims the limbs and draws them under the joints): 18 COCO keypoints as filled circles in
-their palette colours, then 17 limbs, each blended over the canvas at 60%, on black. Hands are not drawn,
-as in 1.0's pose demo.
+their palette colours, then 17 limbs, each blended over the canvas at 60%, on black. Hands and face are
+drawn only when asked (`pose_hands_face`; 1.0's demo drew neither): controlnet_aux's OpenposeDetector finds
+them (its hand and face networks) and draws them as 1.1 did. `drawing="1.1"` draws the body as 1.1 (and
+controlnet_aux) did, for the 1.1 model: dimmed limbs under the joints.
 
 CMU's OpenPose model is licensed for non-commercial use only.
 """
 
 from __future__ import annotations
 
+import colorsys
 import math
 from pathlib import Path
 
@@ -20,14 +23,21 @@ import numpy as np
 import torch
 # Importing any controlnet_aux submodule runs the package __init__, which imports every detector
 # (a few seconds and a burst of timm/mediapipe warnings, once per process).
-from controlnet_aux.open_pose.body import Body
-from controlnet_aux.open_pose.model import bodypose_model
+from controlnet_aux.open_pose import OpenposeDetector
+from controlnet_aux.open_pose import util as aux_util
+from controlnet_aux.open_pose.body import Body, Keypoint
+from controlnet_aux.open_pose.face import Face, FaceNet
+from controlnet_aux.open_pose.face import params as face_params
+from controlnet_aux.open_pose.hand import Hand
+from controlnet_aux.open_pose.model import bodypose_model, handpose_model
 from controlnet_aux.open_pose.util import transfer
 
 from models import default_device
-from models.detectors import require_files
+from models.detectors import fit_to_state, require_files
 
 WEIGHTS_FILE = "body_pose_model.pth"  # as named in lllyasviel/Annotators
+HAND_FILE, FACE_FILE = "hand_pose_model.pth", "facenet.pth"
+DRAWINGS = ("1.0", "1.1")
 
 # 1-based keypoint pairs (COCO order: nose, neck, right shoulder/elbow/wrist, left shoulder/elbow/wrist,
 # right hip/knee/ankle, left hip/knee/ankle, right eye, left eye, right ear, left ear). 1.0 listed two more
@@ -104,30 +114,125 @@ def _narrow(network: bodypose_model, divisor: int) -> None:
                                                      layer.padding))
 
 
+HAND_EDGES = [
+    (0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10), (10, 11), (11, 12),
+    (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20),
+]
+EPS = 0.01  # controlnet_aux's: a keypoint at 0 (not found) is not drawn
+
+
+def draw_handpose(canvas: np.ndarray, keypoints) -> np.ndarray:
+    """controlnet_aux's util.draw_handpose (1.1's), with the standard library's HSV conversion: its own
+    imports matplotlib for that one call, a 40 MB dependency the images otherwise lack."""
+    if not keypoints:
+        return canvas
+    height, width = canvas.shape[:2]
+    for i, (a, b) in enumerate(HAND_EDGES):
+        x1, y1 = int(keypoints[a].x * width), int(keypoints[a].y * height)
+        x2, y2 = int(keypoints[b].x * width), int(keypoints[b].y * height)
+        if x1 > EPS and y1 > EPS and x2 > EPS and y2 > EPS:
+            color = [c * 255 for c in colorsys.hsv_to_rgb(i / len(HAND_EDGES), 1.0, 1.0)]
+            cv2.line(canvas, (x1, y1), (x2, y2), color, thickness=2)
+    for keypoint in keypoints:
+        x, y = int(keypoint.x * width), int(keypoint.y * height)
+        if x > EPS and y > EPS:
+            cv2.circle(canvas, (x, y), 4, (0, 0, 255), thickness=-1)
+    return canvas
+
+
+def _hand(state: dict[str, torch.Tensor]) -> Hand:
+    """controlnet_aux's Hand at the file's widths (its constructor reads only a real-size file from a path)."""
+    with torch.device("meta"):
+        network = handpose_model()
+    hand = Hand.__new__(Hand)
+    hand.model = fit_to_state(network, transfer(network, state)).eval()
+    return hand
+
+
+def _face(state: dict[str, torch.Tensor]) -> Face:
+    with torch.device("meta"):
+        network = FaceNet()
+    face = Face.__new__(Face)
+    face.inference_size, face.sigma = face_params["inference_img_size"], face_params["gaussian_sigma"]
+    face.threshold = face_params["heatmap_peak_thresh"]
+    face.model = fit_to_state(network, state).eval()
+    return face
+
+
+def _random_narrow(network: torch.nn.Module, size: int, divisor: int = 16) -> dict[str, torch.Tensor]:
+    """`network` (on meta, convolutions only) rebuilt with every hidden width divided by `divisor` (heatmap outputs kept: their
+    counts are not multiples of 16) and random weights; its last layer's bias raised so that the tiny
+    network finds a keypoint wherever it looks (tests then see hands and faces drawn)."""
+    for parent in list(network.modules()):
+        for name, layer in parent.named_children():
+            if isinstance(layer, torch.nn.Conv2d):
+                out = layer.out_channels // divisor if layer.out_channels % 16 == 0 else layer.out_channels
+                setattr(parent, name, torch.nn.LazyConv2d(out, layer.kernel_size, layer.stride, layer.padding))
+    with torch.no_grad():
+        network(torch.zeros(1, 3, size, size))  # sizes the lazy layers
+        last = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.bias.fill_(1.0)
+    return network.state_dict()
+
+
 class PoseDetector:
-    def __init__(self, body: Body):
-        # Body maps a BGR image to (candidate, subset) as draw_bodypose reads them.
+    def __init__(self, body: Body, hand: Hand | None = None, face: Face | None = None, load_hands_face=None):
+        # Body maps a BGR image to (candidate, subset) as draw_bodypose reads them. The hand and face
+        # networks (given, or loaded by `load_hands_face()` when first asked for) run only with pose_hands_face.
         self.body = body
+        self._hand, self._face, self._load_hands_face = hand, face, load_hands_face
 
     @property
     def network(self) -> torch.nn.Module:
         return self.body.model
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def _hands_face(self) -> tuple[Hand, Face]:
+        if self._hand is None:
+            if self._load_hands_face is None:
+                raise ValueError("pose_hands_face: this pose detector has no hand and face networks")
+            self._hand, self._face = self._load_hands_face()
+        return self._hand, self._face
+
+    def __call__(self, image: np.ndarray, pose_hands_face: bool = False, drawing: str = "1.0") -> np.ndarray:
+        if drawing not in DRAWINGS:
+            raise ValueError(f"drawing must be one of {', '.join(DRAWINGS)}, not {drawing!r}")
         # 1.0 flipped the RGB upload to BGR, the order OpenPose was trained on; the canvas keeps RGB colours.
-        candidate, subset = self.body(np.ascontiguousarray(image[:, :, ::-1]))
+        bgr = np.ascontiguousarray(image[:, :, ::-1])
+        candidate, subset = self.body(bgr)
         if len(subset) == 0:
             print(NO_PERSON, flush=True)
-        return draw_bodypose(np.zeros_like(image), candidate, subset)
+        height, width = image.shape[:2]
+        bodies = Body.format_body_result(candidate, subset)
+        if drawing == "1.0":
+            canvas = draw_bodypose(np.zeros_like(image), candidate, subset)
+        else:
+            canvas = np.zeros_like(image)
+            for body in bodies:
+                canvas = aux_util.draw_bodypose(canvas, [
+                    None if k is None else Keypoint(x=k.x / width, y=k.y / height) for k in body.keypoints])
+        if pose_hands_face and bodies:
+            # controlnet_aux's detect_hands / detect_face, on the keypoints in pixels, as its detect_poses calls them.
+            found = OpenposeDetector(self.body, *self._hands_face())
+            for body in bodies:
+                for hand in found.detect_hands(body, bgr):
+                    canvas = draw_handpose(canvas, hand)
+                canvas = aux_util.draw_facepose(canvas, found.detect_face(body, bgr))
+        return canvas
 
     @classmethod
     def from_weights(cls, folder: Path | None) -> "PoseDetector":
-        folder = require_files(folder, [WEIGHTS_FILE], "pose")
+        folder = require_files(folder, [WEIGHTS_FILE, HAND_FILE, FACE_FILE], "pose")
         state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         # Body's constructor only reads a real-size file from a path; the network is all it keeps.
         body = Body.__new__(Body)
         body.model = _network(state).to(default_device())
-        return cls(body)
+
+        def load_hands_face() -> tuple[Hand, Face]:
+            # Loaded when a request first asks for them: a body-only server never holds them.
+            read = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
+            return _hand(read(HAND_FILE)).to(default_device()), _face(read(FACE_FILE)).to(default_device())
+
+        return cls(body, load_hands_face=load_hands_face)
 
     @classmethod
     def save_random(cls, folder: Path, seed: int = 0) -> None:
@@ -149,3 +254,9 @@ class PoseDetector:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(state, folder / WEIGHTS_FILE)
+        # The hand file's keys lack the block prefix, as the body's; the face file's keep their names.
+        with torch.device("meta"):
+            hand, face = handpose_model(), FaceNet()
+        hand_state = _random_narrow(hand, 64)
+        torch.save({key.split(".", 1)[1]: tensor for key, tensor in hand_state.items()}, folder / HAND_FILE)
+        torch.save(_random_narrow(face, 64), folder / FACE_FILE)

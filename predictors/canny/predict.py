@@ -4,7 +4,7 @@ from typing import List, Optional
 
 from cog import Path
 
-from cog_base import ControlNetPredictor, Inputs
+from cog_base import ControlNetPredictor, Inputs, Version
 
 
 class Predictor(ControlNetPredictor):
@@ -12,6 +12,8 @@ class Predictor(ControlNetPredictor):
     detector = "models.detectors.canny:CannyDetector"
     detect_at_resolution = False  # ControlNet 1.0 ran Canny on the image already at sample size
     map_interpolation = "nearest"  # an uploaded edge map stays binary
+    # ControlNet 1.1's demo ran Canny at detect resolution (512) and resized the map bilinearly.
+    versions = {"1.1": Version(detect_at_resolution=True, map_interpolation="bilinear")}
 
     def predict(
         self,
@@ -27,6 +29,7 @@ class Predictor(ControlNetPredictor):
         n_prompt: str = Inputs.n_prompt,
         low_threshold: int = Inputs.low_threshold,
         high_threshold: int = Inputs.high_threshold,
+        controlnet_version: str = Inputs.controlnet_version,
         controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
         guess_mode: bool = Inputs.guess_mode,
         control_guidance_start: float = Inputs.control_guidance_start,

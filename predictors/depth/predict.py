@@ -4,12 +4,13 @@ from typing import List, Optional
 
 from cog import Path
 
-from cog_base import ControlNetPredictor, Inputs
+from cog_base import ControlNetPredictor, Inputs, Version
 
 
 class Predictor(ControlNetPredictor):
     condition = "depth"
     detector = "models.detectors.depth:DepthDetector"
+    versions = {"1.1": Version()}  # 1.1's depth model was trained on MiDaS maps among others
 
     def predict(
         self,
@@ -24,6 +25,7 @@ class Predictor(ControlNetPredictor):
         a_prompt: str = Inputs.a_prompt,
         n_prompt: str = Inputs.n_prompt,
         detect_resolution: int = Inputs.detect_resolution,
+        controlnet_version: str = Inputs.controlnet_version,
         controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
         guess_mode: bool = Inputs.guess_mode,
         control_guidance_start: float = Inputs.control_guidance_start,

@@ -4,12 +4,13 @@ from typing import List, Optional
 
 from cog import Path
 
-from cog_base import ControlNetPredictor, Inputs
+from cog_base import ControlNetPredictor, Inputs, Version
 
 
 class Predictor(ControlNetPredictor):
     condition = "hed"
     detector = "models.detectors.hed:HedDetector"
+    versions = {"1.1": Version()}  # 1.1's softedge model, fed this HED network's map (its demo's SoftEdge_HED)
 
     def predict(
         self,
@@ -25,6 +26,7 @@ class Predictor(ControlNetPredictor):
         n_prompt: str = Inputs.n_prompt,
         detect_resolution: int = Inputs.detect_resolution,
         input_image: Optional[Path] = Inputs.input_image,
+        controlnet_version: str = Inputs.controlnet_version,
         controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
         guess_mode: bool = Inputs.guess_mode,
         control_guidance_start: float = Inputs.control_guidance_start,

@@ -4,13 +4,14 @@ from typing import List, Optional
 
 from cog import Path
 
-from cog_base import ControlNetPredictor, Inputs
+from cog_base import ControlNetPredictor, Inputs, Version
 
 
 class Predictor(ControlNetPredictor):
     condition = "hough"
     detector = "models.detectors.hough:HoughDetector"
     map_interpolation = "nearest"  # lines stay one pixel wide and pure white
+    versions = {"1.1": Version(map_interpolation="bilinear")}  # 1.1's demo resized its M-LSD map bilinearly
 
     def predict(
         self,
@@ -27,6 +28,7 @@ class Predictor(ControlNetPredictor):
         detect_resolution: int = Inputs.detect_resolution,
         value_threshold: float = Inputs.value_threshold,
         distance_threshold: float = Inputs.distance_threshold,
+        controlnet_version: str = Inputs.controlnet_version,
         controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
         guess_mode: bool = Inputs.guess_mode,
         control_guidance_start: float = Inputs.control_guidance_start,

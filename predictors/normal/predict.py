@@ -4,12 +4,14 @@ from typing import List, Optional
 
 from cog import Path
 
-from cog_base import ControlNetPredictor, Inputs
+from cog_base import ControlNetPredictor, Inputs, Version
 
 
 class Predictor(ControlNetPredictor):
     condition = "normal"
     detector = "models.detectors.normal:NormalDetector"
+    # 1.1's normal model reads NormalBAE normals (ScanNet convention), not 1.0's normals from MiDaS depth.
+    versions = {"1.1": Version(detector="models.detectors.normalbae:NormalBaeDetector", options=())}
 
     def predict(
         self,
@@ -25,6 +27,7 @@ class Predictor(ControlNetPredictor):
         n_prompt: str = Inputs.n_prompt,
         detect_resolution: int = Inputs.detect_resolution,
         bg_threshold: float = Inputs.bg_threshold,
+        controlnet_version: str = Inputs.controlnet_version,
         controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
         guess_mode: bool = Inputs.guess_mode,
         control_guidance_start: float = Inputs.control_guidance_start,

@@ -4,13 +4,15 @@ from typing import List, Optional
 
 from cog import Path
 
-from cog_base import ControlNetPredictor, Inputs
+from cog_base import ControlNetPredictor, Inputs, Version
 
 
 class Predictor(ControlNetPredictor):
     condition = "pose"
     detector = "models.detectors.pose:PoseDetector"
     map_interpolation = "nearest"  # as 1.0 resized it: the skeleton keeps its exact palette colours
+    # 1.1's demo drew the body its own way (limbs dimmed, under the joints) and resized the map bilinearly.
+    versions = {"1.1": Version(map_interpolation="bilinear", fixed_options={"drawing": "1.1"})}
 
     def predict(
         self,
@@ -25,6 +27,8 @@ class Predictor(ControlNetPredictor):
         a_prompt: str = Inputs.a_prompt,
         n_prompt: str = Inputs.n_prompt,
         detect_resolution: int = Inputs.detect_resolution,
+        pose_hands_face: bool = Inputs.pose_hands_face,
+        controlnet_version: str = Inputs.controlnet_version,
         controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
         guess_mode: bool = Inputs.guess_mode,
         control_guidance_start: float = Inputs.control_guidance_start,

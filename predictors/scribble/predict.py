@@ -4,7 +4,7 @@ from typing import List, Optional
 
 from cog import Path
 
-from cog_base import ControlNetPredictor, Inputs
+from cog_base import ControlNetPredictor, Inputs, Version
 
 
 class Predictor(ControlNetPredictor):
@@ -12,6 +12,7 @@ class Predictor(ControlNetPredictor):
     detector = "models.detectors.scribble:ScribbleDetector"
     detect_at_resolution = False  # the drawing is thresholded at the sample size, like ControlNet 1.0
     map_interpolation = "nearest"  # an uploaded scribble map stays binary
+    versions = {"1.1": Version()}  # the same white-on-black strokes; 1.1's model was trained on thicker ones
 
     def predict(
         self,
@@ -25,6 +26,7 @@ class Predictor(ControlNetPredictor):
         eta: float = Inputs.eta,
         a_prompt: str = Inputs.a_prompt,
         n_prompt: str = Inputs.n_prompt,
+        controlnet_version: str = Inputs.controlnet_version,
         controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
         guess_mode: bool = Inputs.guess_mode,
         control_guidance_start: float = Inputs.control_guidance_start,

@@ -4,13 +4,16 @@ from typing import List, Optional
 
 from cog import Path
 
-from cog_base import ControlNetPredictor, Inputs
+from cog_base import ControlNetPredictor, Inputs, Version
 
 
 class Predictor(ControlNetPredictor):
     condition = "seg"
     detector = "models.detectors.seg:SegDetector"
     map_interpolation = "nearest"  # the map must hold palette colours only
+    # 1.1's seg model still reads ADE20K-palette maps, which this segmenter makes. Its demo resized them
+    # bilinearly; nearest is kept, so that every map pixel stays a palette colour (a blend names no class).
+    versions = {"1.1": Version()}
 
     def predict(
         self,
@@ -25,6 +28,7 @@ class Predictor(ControlNetPredictor):
         a_prompt: str = Inputs.a_prompt,
         n_prompt: str = Inputs.n_prompt,
         detect_resolution: int = Inputs.detect_resolution,
+        controlnet_version: str = Inputs.controlnet_version,
         controlnet_conditioning_scale: float = Inputs.controlnet_conditioning_scale,
         guess_mode: bool = Inputs.guess_mode,
         control_guidance_start: float = Inputs.control_guidance_start,
