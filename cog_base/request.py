@@ -93,6 +93,8 @@ class Asked:
     lora_scale: float
     embedding_url: str
     embedding_token: str
+    output_format: str = "png"
+    output_quality: int = 80
 
 
 def asked(values: dict[str, Any], units: tuple[UnitAsk, ...]) -> Asked:
@@ -126,4 +128,5 @@ def asked(values: dict[str, Any], units: tuple[UnitAsk, ...]) -> Asked:
         return_control_map=values["return_control_map"], preprocess_only=values["preprocess_only"],
         width=values["width"], height=values["height"], lora_url=values["lora_url"], lora_scale=values["lora_scale"],
         embedding_url=values["embedding_url"], embedding_token=token,
+        output_format=values["output_format"], output_quality=values["output_quality"],
     )
