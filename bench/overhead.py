@@ -235,7 +235,7 @@ def measure_http(env: dict, warmup: int, runs: int, log_dir: Path) -> dict:
             url = f"http://127.0.0.1:{port}"
             _wait_port(url)
             floor_ms = []
-            for i in range(warmup + max(runs, 3)):
+            for i in range(warmup + runs):
                 start = time.perf_counter()
                 reply = session.post(url, json={"input": inputs}, timeout=60)
                 if i >= warmup:  # as for ours: the round trip, not the client's JSON decoding after it
@@ -264,9 +264,9 @@ def measure_http(env: dict, warmup: int, runs: int, log_dir: Path) -> dict:
 def measure(args, results: dict, env: dict) -> None:
     """bench/run.py's phase: encoding, then HTTP overhead; the load average before and after."""
     out = {"load_before": os.getloadavg()}
-    out["encoding"] = measure_encoding(max(args.runs, 3))
+    out["encoding"] = measure_encoding(args.runs)
     if "server" not in args.skip:
-        out["http"] = measure_http(env, max(args.warmup, 1), max(args.runs, 3), args.out)
+        out["http"] = measure_http(env, max(args.warmup, 1), args.runs, args.out)
     out["load_after"] = os.getloadavg()
     results["overhead"] = out
 
