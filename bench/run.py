@@ -45,7 +45,7 @@ def parse(argv):
     p.add_argument("--resolution", type=int, default=512, choices=(256, 512, 768))
     p.add_argument("--fast", default="all", help="models/fast.py options to time against the plain path ('' = skip)")
     p.add_argument("--lossy", type=int, nargs="*", default=[10, 15], help="fewer-step variants for the lossy table")
-    p.add_argument("--skip", nargs="*", default=[], choices=("baseline", "server", "samples4", "fast", "lossy", "units", "startup"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("baseline", "server", "samples4", "fast", "lossy", "units", "startup", "overhead"))
     p.add_argument("--weights-root", type=Path, default=None, help="full size: where bench/weights.py writes")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
     return p.parse_args(argv)
@@ -442,6 +442,10 @@ def markdown(r: dict) -> str:
                   "| option | median ms | PSNR dB | SSIM |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['median_ms']:.1f} | {v['psnr_db'] if v['psnr_db'] is None else round(v['psnr_db'], 2)} | {v['ssim']:.4f} |" for k, v in r["lossy"].items()]
     lines += startup.markdown(r)
+    if "overhead" in r:
+        from bench import overhead
+
+        lines += overhead.markdown(r["overhead"])
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
 
@@ -462,6 +466,10 @@ def check(r: dict) -> list[str]:
     if "units" not in r["args"]["skip"] and "units_skipped" not in r and len(r.get("units", {})) != len(UNITS):
         problems.append("no multi unit timings")
     problems += startup.check(r)
+    if "overhead" not in r["args"]["skip"]:
+        from bench import overhead
+
+        problems += overhead.check(r)
     if r.get("fast_match") and not r["fast_match"]["ok"]:
         problems.append(f"fast path does not match the plain path: {r['fast_match']}")
     return problems
@@ -531,6 +539,11 @@ def main(argv: list[str] | None = None) -> int:
         measure_server(args, image, results, {**server_env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
                        if args.device == "cpu" else server_env)
     startup.measure(args, results, env)  # start-up and per-request work beside their floors
+    if "overhead" not in args.skip:
+        from bench import overhead
+
+        overhead.measure(args, results, {**env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+                         if args.device == "cpu" else env)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)
     (args.out / "results.md").write_text(table)

@@ -95,6 +95,13 @@ class Inputs:
         description="The image already is a control map for this condition: skip the detector", default=False
     )
     return_control_map = Input(description="Return the control map as the first output", default=True)
+    output_format = Input(
+        description="File format of the samples and control maps: png (lossless, the default), webp or jpg",
+        choices=["png", "webp", "jpg"], default="png",
+    )
+    output_quality = Input(
+        description="Quality of webp and jpg outputs, 1-100 (default 80); png ignores it", default=80, ge=1, le=100
+    )
     preprocess_only = Input(
         description="Only compute and return the control map; no image is generated", default=False
     )
@@ -223,7 +230,8 @@ JAGILLEY_INPUTS = (
 )
 CONTROLS = (
     "controlnet_conditioning_scale", "guess_mode", "control_guidance_start", "control_guidance_end", "scheduler",
-    "control_image_is_map", "return_control_map", "preprocess_only", "width", "height",
+    "control_image_is_map", "return_control_map", "output_format", "output_quality", "preprocess_only",
+    "width", "height",
     "lora_url", "lora_scale", "embedding_url", "embedding_token",
     "init_image", "mask_image", "strength", "mask_blur",
 )

@@ -373,7 +373,7 @@ class ControlNetPredictor(BasePredictor):
     def generate(self, *args, **inputs) -> list[Path]:
         """predict()'s inputs as plain values (positional in the signature's order, or by name; the
         registry's defaults for the rest). Returns the control maps (unless return_control_map is
-        off), then the samples, as PNG files."""
+        off), then the samples, as files of output_format (PNG by default)."""
         from models.assets import AssetError
         from models.image import InputImageError
         from models.pipeline import NonFiniteOutputError
@@ -389,6 +389,7 @@ class ControlNetPredictor(BasePredictor):
             images, size = self._plan(request, timings)
             edit = self._plan_edit(request, images, size, timings)
             units = self._control_maps(request, images, size.generate, timings, edit)
+            maps = self._encode_maps(request, units)  # while the pipeline runs
             samples = [] if request.preprocess_only else self._sample(request, units, size.output, style, timings, edit)
         except (InputImageError, AssetError) as exc:
             if isinstance(exc, AssetError):
@@ -415,7 +416,7 @@ class ControlNetPredictor(BasePredictor):
             raise ExpectedFault(
                 f"out of GPU memory for {request.num_samples} sample(s){at}; ask for fewer samples or a lower resolution"
             ) from None
-        return self._encode(request, units, samples, timings)
+        return self._encode(request, maps, samples, timings)
 
     def validate(self, args: tuple, inputs: dict[str, Any]) -> Asked:
         """Every input against its registry entry, then the rules that tie inputs together."""
@@ -571,16 +572,20 @@ class ControlNetPredictor(BasePredictor):
             return samples
         return [Image.fromarray(edit.composite(np.asarray(img))) for img in samples]
 
-    def _encode(self, request: Asked, units: list, samples: list, timings: dict) -> list[Path]:
+    def _encode_maps(self, request: Asked, units: list) -> list:
+        """The control maps' files, being written on the encoding pool (models/encode.py)."""
         from PIL import Image
 
+        self._new_output_dir()
+        if not request.return_control_map:
+            return []
+        return [self._save(ask.label, Image.fromarray(unit.map), request) for ask, unit in zip(request.units, units)]
+
+    def _encode(self, request: Asked, maps: list, samples: list, timings: dict) -> list[Path]:
         start = time.perf_counter()
-        maps = [(ask.label, Image.fromarray(unit.map)) for ask, unit in zip(request.units, units)]
-        named = (maps if request.return_control_map else []) + [
-            (f"sample-{i}", img) for i, img in enumerate(samples, start=1)
-        ]
-        paths = self._save(named)
-        timings["PNG encode"] = time.perf_counter() - start
+        pending = maps + [self._save(f"sample-{i}", img, request) for i, img in enumerate(samples, start=1)]
+        paths = [Path(future.result()) for future in pending]
+        timings["encode"] = time.perf_counter() - start
         print(
             "Timings: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in timings.items())
             + f"; total {sum(timings.values()):.2f}s",
@@ -588,22 +593,23 @@ class ControlNetPredictor(BasePredictor):
         )
         return paths
 
-    def _save(self, named) -> list[Path]:
-        # Cog reads the files after predict returns, so they live until the next prediction;
-        # unique names because --upload-url PUTs them by basename.
+    def _new_output_dir(self) -> None:
+        # Cog reads the files after predict returns, so they live until the next prediction.
         if self._output_dir:
             shutil.rmtree(self._output_dir, ignore_errors=True)
             self._cleanup.detach()
         self._output_dir = tempfile.mkdtemp(prefix=f"controlnet-{self.condition}-")
         # The last prediction's files go with the process (or with this predictor), not left in /tmp.
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._output_dir, ignore_errors=True)
-        tag = uuid.uuid4().hex[:8]
-        paths = []
-        for name, img in named:
-            path = Path(self._output_dir) / f"{tag}-{name}.png"
-            img.save(path)
-            paths.append(path)
-        return paths
+        self._output_tag = uuid.uuid4().hex[:8]
+
+    def _save(self, name: str, img, request: Asked):
+        """One output's file, in the format asked, as a Future of its path. Unique names because
+        --upload-url PUTs them by basename."""
+        from models import encode
+
+        stem = os.path.join(self._output_dir, f"{self._output_tag}-{name}")
+        return encode.submit(img, stem, request.output_format, request.output_quality)
 
 
 class MultiControlNetPredictor(ControlNetPredictor):

@@ -94,6 +94,8 @@ class Asked:
     lora_scale: float
     embedding_url: str
     embedding_token: str
+    output_format: str = "png"
+    output_quality: int = 80
     # Editing (img2img / inpainting): the uploads as sent; mode() says which one the request asks for.
     init_image: Any = None
     mask_image: Any = None
@@ -162,6 +164,7 @@ def asked(values: dict[str, Any], units: tuple[UnitAsk, ...]) -> Asked:
         return_control_map=values["return_control_map"], preprocess_only=values["preprocess_only"],
         width=values["width"], height=values["height"], lora_url=values["lora_url"], lora_scale=values["lora_scale"],
         embedding_url=values["embedding_url"], embedding_token=token,
+        output_format=values["output_format"], output_quality=values["output_quality"],
         init_image=values["init_image"], mask_image=values["mask_image"], strength=values["strength"],
         mask_blur=values["mask_blur"],
     )

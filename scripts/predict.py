@@ -41,12 +41,21 @@ def decode_output(item: str) -> bytes:
     return response.content
 
 
+def output_extension(item: str) -> str:
+    """png, webp or jpg (output_format), from a data: URI's type or an uploaded file's URL."""
+    if item.startswith("data:"):
+        mime = item[5:].split(",", 1)[0].split(";", 1)[0]
+        return {"image/jpeg": "jpg"}.get(mime, mime.rsplit("/", 1)[-1] or "png")
+    suffix = item.split("?", 1)[0].rsplit("/", 1)[-1].rpartition(".")[2]
+    return suffix or "png"
+
+
 def save_outputs(outputs: list[str], out_dir: Path, stem: str, with_map: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = (["control"] if with_map else []) + [f"sample-{i}" for i in range(1, len(outputs) + 1)]
     paths = []
     for name, item in zip(names, outputs):
-        path = out_dir / f"{stem}-{name}.png"
+        path = out_dir / f"{stem}-{name}.{output_extension(item)}"
         path.write_bytes(decode_output(item))
         paths.append(path)
     return paths

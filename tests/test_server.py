@@ -77,7 +77,8 @@ def test_new_controls_default_to_the_jagilley_behaviour(servers):
     assert defaults == {
         "controlnet_conditioning_scale": 1.0, "guess_mode": False, "control_guidance_start": 0.0,
         "control_guidance_end": 1.0, "scheduler": "DDIM", "control_image_is_map": False,
-        "return_control_map": True, "preprocess_only": False, "width": 0, "height": 0,
+        "return_control_map": True, "output_format": "png", "output_quality": 80, "preprocess_only": False,
+        "width": 0, "height": 0,
         "lora_url": "", "lora_scale": 1.0, "embedding_url": "", "embedding_token": "",
         "init_image": None, "mask_image": None, "strength": 0.8, "mask_blur": 4,
     }

@@ -34,6 +34,8 @@ class Predictor(ControlNetPredictor):
         scheduler: str = Inputs.scheduler,
         control_image_is_map: bool = Inputs.control_image_is_map,
         return_control_map: bool = Inputs.return_control_map,
+        output_format: str = Inputs.output_format,
+        output_quality: int = Inputs.output_quality,
         preprocess_only: bool = Inputs.preprocess_only,
         width: int = Inputs.width,
         height: int = Inputs.height,

@@ -51,6 +51,8 @@ class Predictor(MultiControlNetPredictor):
         guess_mode: bool = Inputs.guess_mode,
         scheduler: str = Inputs.scheduler,
         return_control_map: bool = Inputs.return_control_map,
+        output_format: str = Inputs.output_format,
+        output_quality: int = Inputs.output_quality,
         preprocess_only: bool = Inputs.preprocess_only,
         width: int = Inputs.width,
         height: int = Inputs.height,

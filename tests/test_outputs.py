@@ -1,0 +1,163 @@
+"""Outputs and the HTTP path around them (issue 18): output_format / output_quality, a data: URI input
+decoded once and not echoed back, and a request sent on the previous prediction's final webhook taken
+(not refused with 409). Through the real Cog server where the server is what is tested; the session's
+running canny server is reused."""
+
+import base64
+import http.server
+import io
+import json
+import threading
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from cog_base import serving
+from predictors.canny.predict import Predictor
+from tests.conftest import drawing, png_bytes
+
+IMAGE = "data:image/png;base64," + base64.b64encode(png_bytes(drawing())).decode()
+QUICK = {"image": IMAGE, "prompt": "a house", "image_resolution": "256", "ddim_steps": 1, "seed": 3}
+MIMES = {"png": "image/png", "webp": "image/webp", "jpg": "image/jpeg"}
+PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    p = Predictor()
+    p.setup()
+    return p
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def opened(uri: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+# -- output_format, output_quality ------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpg"])
+def test_output_format_sets_each_files_type_and_extension(predictor, image_file, fmt):
+    paths = predictor.generate(image=image_file(), prompt="a house", image_resolution="256", ddim_steps=1, seed=3,
+                               output_format=fmt)
+    assert len(paths) == 2  # the control map, then the sample
+    for path in paths:
+        assert path.suffix == f".{fmt}"
+        with Image.open(path) as img:
+            assert img.format == PIL_FORMATS[fmt] and img.size == (320, 256)
+
+
+def test_png_is_the_default_and_lossless_and_webp_jpg_are_near_it(predictor, image_file):
+    inputs = dict(image=image_file(), prompt="a house", image_resolution="256", ddim_steps=1, seed=3)
+    # A prediction's files last until the next one: read each at once.
+    default = predictor.generate(**inputs)
+    assert [p.suffix for p in default] == [".png", ".png"]
+    reference = [pixels(p) for p in default]
+    png = [pixels(p) for p in predictor.generate(**inputs, output_format="png", output_quality=1)]  # png ignores it
+    assert all((a == b).all() for a, b in zip(reference, png))
+    # The same images, lossy: close to the PNG's pixels, not equal.
+    webp = [pixels(p).astype(int) for p in predictor.generate(**inputs, output_format="webp", output_quality=100)]
+    assert all(0 < np.abs(a - b).mean() < 20 for a, b in zip(reference, webp))
+
+
+@pytest.mark.parametrize("fmt", ["webp", "jpg"])
+def test_output_quality_changes_the_size_of_lossy_files(predictor, image_file, fmt):
+    inputs = dict(image=image_file(), prompt="a house", image_resolution="256", ddim_steps=1, seed=3, output_format=fmt)
+    low = [p.stat().st_size for p in predictor.generate(**inputs, output_quality=5)]
+    high = [p.stat().st_size for p in predictor.generate(**inputs, output_quality=95)]
+    assert all(a < b for a, b in zip(low, high)), (low, high)
+
+
+@pytest.mark.parametrize("fmt", ["webp", "jpg"])
+def test_the_server_answers_in_the_format_asked(servers, fmt):
+    body = servers["canny"].predict({**QUICK, "output_format": fmt, "output_quality": 50}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert [uri.split(";", 1)[0] for uri in body["output"]] == [f"data:{MIMES[fmt]}"] * 2
+    assert [opened(uri).format for uri in body["output"]] == [PIL_FORMATS[fmt]] * 2
+
+
+@pytest.mark.parametrize("inputs", [{"output_format": "gif"}, {"output_format": "PNG"}, {"output_quality": 0},
+                                    {"output_quality": 101}, {"output_quality": "high"}])
+def test_a_bad_output_format_or_quality_gets_422(servers, inputs):
+    response = servers["canny"].predict({**QUICK, **inputs})
+    assert response.status_code == 422
+    assert list(inputs)[0] in json.dumps(response.json()["detail"])
+
+
+def test_a_bad_output_format_in_process_says_what_to_send(predictor, image_file):
+    with pytest.raises(ValueError, match="output_format must be one of png, webp, jpg"):
+        predictor.generate(image=image_file(), prompt="a house", output_format="gif")
+
+
+# -- the input: decoded once, not echoed ----------------------------------------------------------
+
+def test_a_data_uri_input_is_decoded_once(monkeypatch):
+    from cog import types as cog_types
+
+    calls = []
+    urlopen = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, *a, **k: calls.append(url[:20]) or urlopen(url, *a, **k))
+    path = cog_types.Path.validate(IMAGE)
+    assert len(calls) == 1  # Cog's own validator decoded it twice: once for the name, once for the bytes
+    assert path.filename == "file.png" and path.convert().read_bytes() == png_bytes(drawing())
+    path.unlink()
+
+
+def test_the_answer_does_not_echo_a_large_input(servers):
+    big = drawing(1200, 900)
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes(big)).decode()
+    body = servers["canny"].predict({**QUICK, "image": uri}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    echoed = body["input"]["image"]
+    assert echoed.startswith("data:text/plain,") and len(echoed) < 200 and str(len(uri)) in echoed
+    assert body["input"]["prompt"] == "a house"  # the rest of the input is echoed as sent
+    # A small input is still echoed whole.
+    assert len(serving._short_echo({"image": "data:image/png;base64,AAAA"})["image"]) == 26
+
+
+# -- the 409 race ------------------------------------------------------------------------------------
+
+def test_a_request_sent_on_the_final_webhook_is_taken(servers):
+    """Each final webhook sends the next prediction at once, from the webhook's handler: none may get
+    409 (Cog sent the final webhook before it marked itself idle). Bounded: 10 control-map-only predictions."""
+    server, rounds = servers["canny"], 10
+    statuses, done = [], threading.Event()
+
+    def send(path):
+        body = {"input": {**QUICK, "preprocess_only": True}, "webhook_events_filter": ["completed"],
+                "webhook": f"http://127.0.0.1:{httpd.server_address[1]}{path}"}
+        return requests.post(f"{server.url}/predictions", json=body, headers={"Prefer": "respond-async"}, timeout=30)
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            final = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            if final.get("status") != "succeeded" or len(statuses) >= rounds:
+                done.set()
+            else:
+                statuses.append(send(f"/race/{uuid.uuid4().hex}").status_code)
+                if statuses[-1] != 202:
+                    done.set()
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        assert send("/race/first").status_code == 202
+        assert done.wait(300), f"the loop stopped: {statuses}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert statuses == [202] * rounds
