@@ -3,7 +3,8 @@
 Phases, in the order of what matters most if the run is cut short (docs/benchmarks.md, issue 17):
   baseline  plain diffusers fp16 eager (the reference every ratio is taken against)
   served    our served path, plain: setup, first prediction, 20/30/50 steps, stages, peak memory
-  eager     each eager fast-path option alone, then all of them, through setup() (CONTROLNET_FAST)
+  eager     the plain path (CONTROLNET_FAST=off), then each opt-in eager option on top of the served
+            default (the exact options), then both, through setup() (CONTROLNET_FAST)
   server    the real Cog server: launch to READY, first prediction, HTTP overhead
   samples4  num_samples 4: images/s and peak GPU memory
   units     the multi image with 1, 2 and 3 ControlNet units (canny, depth, seg; maps sent as maps, so no
@@ -39,7 +40,8 @@ from bench import run as bench
 # (controlnet_N_image_is_map), so the rows time ControlNets, not detectors: canny's map is cheap to make
 # here (OpenCV), depth's is any grey image, seg's flat areas of palette colours.
 UNITS = ("canny", "depth", "seg")
-EAGER = ("negcache", "vae_guard", "channels_last", "negcache,vae_guard,channels_last")
+# "off": the plain path, against the served default (models/fast.py EXACT); the rest add opt-in options to it.
+EAGER = ("off", "vae_guard", "channels_last", "vae_guard,channels_last")
 # (options, torch.compile mode): the first run's compile; --heavy's.
 COMPILE = (("all", "default"),)
 # reduce-overhead: CUDA graphs at about default's compile time; max-autotune adds autotuning to them (the
