@@ -122,7 +122,7 @@ def write(root: Path, force: bool = False, device: str | None = None, size: str 
     own = weights.components(CONDITION)
     # role kind -> component name, canny's first; a component shared by two conditions (midas) once.
     # Another ControlNet version's role (controlnet@1.1) is of its default role's kind.
-    wanted = {name: role.rpartition(".")[2].partition(weights.VERSION_MARK)[0]
+    wanted = {name: role.partition(weights.VERSION_MARK)[0].rpartition(".")[2]
               for role, name in {**own, **weights.components(image)}.items()}
     for name, kind in wanted.items():
         folder = root / name
