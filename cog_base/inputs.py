@@ -246,3 +246,11 @@ SHARED_CONTROLS = tuple(name for name in CONTROLS if name not in UNIT_INPUTS)
 UNIT_SLOT = ("controlnet_{n}", "controlnet_{n}_image", "controlnet_{n}_conditioning_scale", "controlnet_{n}_start",
              "controlnet_{n}_end", "controlnet_{n}_image_is_map")
 MAX_UNITS = 3
+
+# Each choice input's choices, recorded at import: building a schema in this process (Cog's
+# get_input_type: the HTTP process, a test) pops "enum" out of the Input's own json_schema_extra, after
+# which the entry no longer says what it allows. Keyed by the entry, as aliases share one.
+CHOICES = {
+    id(entry): tuple(entry.json_schema_extra["enum"]) for entry in vars(Inputs).values()
+    if isinstance(getattr(entry, "json_schema_extra", None), dict) and "enum" in entry.json_schema_extra
+}

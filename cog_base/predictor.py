@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from cog import BasePredictor, Path
 
 import weights
-from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS, MAX_UNITS, SHARED_CONTROLS, SHARED_HEAD, Inputs
+from cog_base.inputs import CHOICES, CONTROLS, JAGILLEY_INPUTS, MAX_UNITS, SHARED_CONTROLS, SHARED_HEAD, Inputs
 from cog_base.request import SINGLE_UNIT_INPUTS, Asked, UnitAsk, asked, check, slot_inputs
 
 # Serving never downloads: every weight comes from a local folder (see weights/).
@@ -431,7 +431,7 @@ class ControlNetPredictor(BasePredictor):
                             f"{self.condition} takes {', '.join(names)}")
         values.update(inputs)
         for name, entry in self.fields.items():
-            values[name] = check(name, values[name], entry) if name in values else _default(entry)
+            values[name] = check(name, values[name], entry, CHOICES.get(id(entry))) if name in values else _default(entry)
         return asked(values, self.units_asked(values))
 
     def units_asked(self, values: dict[str, Any]) -> tuple[UnitAsk, ...]:

@@ -20,10 +20,12 @@ def _bounds(entry) -> tuple[Any, Any]:
     return low, high
 
 
-def check(name: str, value: Any, entry) -> Any:
-    """`value` against the registry entry `entry` (a Cog Input): its choices, or its ge/le bounds. A
-    choice comes back as the string the schema lists; an optional input left empty passes."""
-    choices = (entry.json_schema_extra or {}).get("enum")
+def check(name: str, value: Any, entry, choices: Any = None) -> Any:
+    """`value` against the registry entry `entry` (a Cog Input): its choices (`choices`, as the registry
+    recorded them: see cog_base.inputs.CHOICES), or its ge/le bounds. A choice comes back as the string
+    the schema lists; an optional input left empty passes."""
+    if choices is None:
+        choices = (entry.json_schema_extra or {}).get("enum")
     if choices is not None:
         if str(value) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")

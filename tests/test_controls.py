@@ -189,3 +189,20 @@ def test_exact_size_too_large_or_too_thin_says_what_to_ask_for(canny, image_file
         canny.generate(image_file(), "x", width=2048, height=2048, **FAST)
     with pytest.raises(ValueError, match="crop it to at most 4:1"):
         canny.generate(image_file(), "x", width=2000, height=100, **FAST)
+
+
+def test_choices_are_still_checked_after_a_schema_was_built_in_this_process(tmp_path):
+    """Cog's get_input_type pops "enum" from each Input it reads: the registry's checks must not depend on it
+    (the suite's order once let controlnet_version "2" through to the weights lookup)."""
+    from cog.predictor import get_input_type
+
+    from tests.conftest import predictor_class
+
+    predictor = predictor_class("canny")()
+    get_input_type(predictor)
+    get_input_type(predictor)  # twice: what a second schema build of the same entries sees
+    path = tmp_path / "in.png"
+    path.write_bytes(b"")
+    for name, bad in (("scheduler", "bogus"), ("num_samples", "3"), ("controlnet_version", "2"), ("output_format", "gif")):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            predictor.validate((), {"image": path, "prompt": "a house", name: bad})
