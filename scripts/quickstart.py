@@ -62,7 +62,7 @@ def main() -> None:
     if tiny:
         print(
             "\n" + "!" * 78 + "\n  These images came from TINY RANDOM-WEIGHT models: they are noise, by design.\n"
-            f"  For real images: make weights COND={args.cond}   (needs internet, ~3.6 GB), then run this again.\n" + "!" * 78
+            f"  For real images: make weights COND={args.cond}   (needs internet, 3-5 GB: README, Image sizes), then run this again.\n" + "!" * 78
         )
 
 
