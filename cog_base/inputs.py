@@ -250,7 +250,18 @@ MAX_UNITS = 3
 # Each choice input's choices, recorded at import: building a schema in this process (Cog's
 # get_input_type: the HTTP process, a test) pops "enum" out of the Input's own json_schema_extra, after
 # which the entry no longer says what it allows. Keyed by the entry, as aliases share one.
+_ENTRIES = {id(entry): entry for entry in vars(Inputs).values() if hasattr(entry, "json_schema_extra")}
 CHOICES = {
-    id(entry): tuple(entry.json_schema_extra["enum"]) for entry in vars(Inputs).values()
-    if isinstance(getattr(entry, "json_schema_extra", None), dict) and "enum" in entry.json_schema_extra
+    key: tuple(entry.json_schema_extra["enum"]) for key, entry in _ENTRIES.items()
+    if isinstance(entry.json_schema_extra, dict) and "enum" in entry.json_schema_extra
 }
+
+
+def restore_choices() -> None:
+    """Put back the "enum" a schema build took: a second build in one process (tests build one per
+    image) would otherwise serve choice inputs as free strings."""
+    for key, choices in CHOICES.items():
+        entry = _ENTRIES[key]
+        for extra in (entry.json_schema_extra, getattr(entry, "_attributes_set", {}).get("json_schema_extra")):
+            if isinstance(extra, dict):
+                extra["enum"] = list(choices)

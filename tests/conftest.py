@@ -24,6 +24,16 @@ import weights.tiny
 from scripts.cog_server import CogServer
 
 
+@pytest.fixture(autouse=True)
+def _registry_choices_kept():
+    """A test that builds a Cog schema in this process takes the registry's "enum"s with it (Cog pops
+    them): put them back, so no later test depends on which ran first."""
+    yield
+    from cog_base.inputs import restore_choices
+
+    restore_choices()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_weights():
     """`make test` writes them first; this keeps a bare `pytest` run working too."""

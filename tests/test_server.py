@@ -250,6 +250,9 @@ def served_schema(condition):
     from cog.config import Config
     from cog.server.http import create_app
 
+    from cog_base.inputs import restore_choices
+
+    restore_choices()  # an earlier build in this process took them
     config = Config({"predict": f"predictors/{condition}/predict.py:Predictor", "build": {"gpu": True}})
     return create_app(cog_config=config, shutdown_event=None, is_build=True).openapi()
 
