@@ -15,6 +15,7 @@ at module level: torch, diffusers and the detectors load in setup(), in the work
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -622,6 +623,7 @@ class MultiControlNetPredictor(ControlNetPredictor):
     tail_inputs = SHARED_CONTROLS
 
     @classmethod
+    @functools.cache  # per class: validation and every request's planning ask for it, the manifest never changes
     def condition_specs(cls) -> dict[str, type[ControlNetPredictor]]:
         return {name: importlib.import_module(f"predictors.{name}.predict").Predictor
                 for name in weights.conditions_of(cls.condition)}
