@@ -8,7 +8,8 @@ Each figure is measured beside its floor in the same run, with the load noted:
 - HTTP overhead: the real Cog server (canny, the weights of the run) at 1@512 and 4@768, round trip
   minus Cog's predict_time; floor: a minimal uvicorn app (`python -m bench.overhead floor`, its own
   process as Cog's is) that parses the same request, decodes the image once and answers the same
-  output files as data: URIs once.
+  output files as data: URIs once, written with the stdlib's json (the issue's floor) and, a second
+  floor, with orjson as our answers are; the three are sent in turn, request by request.
 """
 
 from __future__ import annotations
@@ -134,7 +135,12 @@ def measure_encoding(runs: int) -> dict:
 
 # -- the floor app ------------------------------------------------------------------------------------
 
-def floor_app(outputs: list[Path]):
+# How the floor app writes its answer: the stdlib's json (the issue's floor), or orjson as the served
+# answers are now written (cog_base/serving.py), so that the floor is never the slower serialiser.
+FLOOR_JSON = ("stdlib", "orjson")
+
+
+def floor_app(outputs: list[Path], dumps=json.dumps):
     """A minimal ASGI app: parse the body, decode the image once, answer the files as data: URIs."""
     import mimetypes
 
@@ -162,7 +168,8 @@ def floor_app(outputs: list[Path]):
         answer = {"input": {k: v for k, v in body["input"].items() if k != "image"}, "decoded_bytes": len(decoded),
                   "output": [f"data:{mimetypes.guess_type(p.name)[0]};base64,{base64.b64encode(p.read_bytes()).decode()}"
                              for p in outputs], "status": "succeeded"}
-        raw = json.dumps(answer).encode()
+        raw = dumps(answer)
+        raw = raw.encode() if isinstance(raw, str) else raw
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
         await send({"type": "http.response.body", "body": raw})
@@ -170,11 +177,17 @@ def floor_app(outputs: list[Path]):
     return app
 
 
-def serve_floor(port: int, folder: Path) -> None:
+def serve_floor(port: int, folder: Path, serialiser: str = "stdlib") -> None:
     import uvicorn
 
+    if serialiser == "orjson":
+        import orjson
+
+        dumps = orjson.dumps
+    else:
+        dumps = json.dumps
     outputs = sorted(folder.iterdir())
-    uvicorn.run(floor_app(outputs), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(floor_app(outputs, dumps), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 def _wait_port(url: str, timeout: float = 60) -> None:
@@ -190,37 +203,62 @@ def _wait_port(url: str, timeout: float = 60) -> None:
     raise TimeoutError(f"the floor app at {url} did not start")
 
 
+def _start_floors(folder: Path) -> dict:
+    from scripts.cog_server import free_port
+
+    floors = {}
+    for serialiser in FLOOR_JSON:
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "bench.overhead", "floor", "--port", str(port),
+                                    "--outputs", str(folder), "--json", serialiser], cwd=ROOT, start_new_session=True)
+        floors[serialiser] = (process, f"http://127.0.0.1:{port}")
+    for _, url in floors.values():
+        _wait_port(url)
+    return floors
+
+
+def _stop(process) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 def measure_http(env: dict, warmup: int, runs: int, log_dir: Path) -> dict:
-    """Ours (the real Cog server) and the floor, each shape in turn, in one run."""
+    """Ours (the real Cog server) and the floors, request by request in turn (ours, floor, floor with
+    orjson, ours, ...) so that a change of the machine's speed moves all of them; each shape in turn."""
     import requests
 
-    from scripts.cog_server import CogServer, free_port
+    from bench.run import stats
+    from scripts.cog_server import CogServer
 
     buf = io.BytesIO()
     photo(680, 512, seed=7).save(buf, format="PNG")
     image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     out = {"input_bytes": len(buf.getvalue())}
     server = CogServer("canny", log_path=log_dir / "overhead-server.log", env=env)
-    floors = []
+    floors = {}
     try:
         server.start(timeout=900)
         session = requests.Session()
         for shape, (count, resolution) in HTTP_SHAPES.items():
             inputs = {"image": image, "prompt": "a house", "seed": 1, "ddim_steps": 1, "num_samples": count,
                       "image_resolution": resolution}
-            ours, predict = [], []
-            answer = None
-            for i in range(warmup + runs):
+
+            def ours():
                 start = time.perf_counter()
                 response = session.post(f"{server.url}/predictions", json={"input": inputs}, timeout=900)
                 round_trip = (time.perf_counter() - start) * 1e3
                 answer = response.json()
                 if answer.get("status") != "succeeded":
                     raise RuntimeError(f"overhead: the server's prediction failed: {answer.get('error') or answer}")
-                if i >= warmup:
-                    predict.append(answer["metrics"]["predict_time"] * 1e3)
-                    ours.append(round_trip - predict[-1])
-            # The floor answers these same files.
+                return round_trip, answer, len(response.content)
+
+            _, answer, answer_bytes = ours()
+            # The floors answer these same files.
             folder = log_dir / f"overhead-outputs-{shape.replace('@', 'at')}"
             folder.mkdir(parents=True, exist_ok=True)
             for old in folder.iterdir():
@@ -228,35 +266,40 @@ def measure_http(env: dict, warmup: int, runs: int, log_dir: Path) -> dict:
             for i, uri in enumerate(answer["output"]):
                 ext = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg"}[uri[5:uri.index(";")]]
                 (folder / f"{i}.{ext}").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
-            port = free_port()
-            floor = subprocess.Popen([sys.executable, "-m", "bench.overhead", "floor", "--port", str(port),
-                                      "--outputs", str(folder)], cwd=ROOT, start_new_session=True)
-            floors.append(floor)
-            url = f"http://127.0.0.1:{port}"
-            _wait_port(url)
-            floor_ms = []
+            floors = _start_floors(folder)
+            times = {"ours": [], "predict_time": [], **{name: [] for name in FLOOR_JSON}}
             for i in range(warmup + runs):
-                start = time.perf_counter()
-                reply = session.post(url, json={"input": inputs}, timeout=60)
-                if i >= warmup:  # as for ours: the round trip, not the client's JSON decoding after it
-                    floor_ms.append((time.perf_counter() - start) * 1e3)
-                body = reply.json()
-            assert len(body["output"]) == len(answer["output"])
-            floor.terminate()
-            floor.wait(10)
-            from bench.run import stats
-
-            row = {"ours": stats(ours), "predict_time": stats(predict), "floor": stats(floor_ms),
-                   "answer_bytes": len(response.content), "echoed_input_chars": len(str(answer["input"].get("image")))}
+                round_trip, answer, _ = ours()
+                predict = answer["metrics"]["predict_time"] * 1e3
+                floor_ms = {}
+                for name, (_, url) in floors.items():
+                    start = time.perf_counter()
+                    reply = session.post(url, json={"input": inputs}, timeout=60)
+                    floor_ms[name] = (time.perf_counter() - start) * 1e3  # as for ours: not the client's decoding after it
+                    if len(reply.json()["output"]) != len(answer["output"]):
+                        raise RuntimeError("overhead: the floor answered another number of files")
+                if i >= warmup:
+                    times["ours"].append(round_trip - predict)
+                    times["predict_time"].append(predict)
+                    for name, value in floor_ms.items():
+                        times[name].append(value)
+            for process, _ in floors.values():
+                _stop(process)
+            floors = {}
+            row = {"ours": stats(times["ours"]), "predict_time": stats(times["predict_time"]),
+                   "floor": stats(times["stdlib"]), "floor_orjson": stats(times["orjson"]),
+                   "answer_bytes": answer_bytes, "echoed_input_chars": len(str(answer["input"].get("image")))}
             row["ratio"] = row["ours"]["median_ms"] / row["floor"]["median_ms"]
+            row["ratio_orjson"] = row["ours"]["median_ms"] / row["floor_orjson"]["median_ms"]
+            # Pair by pair: robust to the machine's speed drifting during the run.
+            row["pair_ratio_median"] = stats([a / b for a, b in zip(times["ours"], times["stdlib"])])["median_ms"]
             out[shape] = row
             print(f"HTTP overhead {shape}: ours {row['ours']['median_ms']:.1f} ms, floor {row['floor']['median_ms']:.1f} ms "
-                  f"({row['ratio']:.2f}x)", flush=True)
+                  f"({row['ratio']:.2f}x), floor with orjson {row['floor_orjson']['median_ms']:.1f} ms "
+                  f"({row['ratio_orjson']:.2f}x)", flush=True)
     finally:
-        for floor in floors:
-            if floor.poll() is None:
-                floor.kill()
-                floor.wait(10)
+        for process, _ in floors.values():
+            _stop(process)
         server.stop()
     return out
 
@@ -285,13 +328,16 @@ def markdown(overhead: dict) -> list[str]:
             lines.append(f"| {shape} | {label} | {s['median_ms']:.1f} | {s['p90_ms']:.1f} | {size} | {floor} |")
     if "http" in overhead:
         http = overhead["http"]
-        lines += ["", f"## HTTP overhead, sync (round trip - predict_time; input PNG {http['input_bytes'] // 1000} KB)", "",
-                  "| shape | ours median ms | p90 | floor median ms | ratio | answer bytes | input echoed (chars) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", f"## HTTP overhead, sync (round trip - predict_time; input PNG {http['input_bytes'] // 1000} KB; "
+                  "requests interleaved: ours, floor, floor with orjson)", "",
+                  "| shape | ours median ms (p90) | floor median ms (p90) | ratio (pair by pair) | floor with orjson, median ms | ratio "
+                  "| answer bytes | input echoed (chars) |", "|---|---|---|---|---|---|---|---|"]
         for shape in HTTP_SHAPES:
             r = http[shape]
-            lines.append(f"| {shape} | {r['ours']['median_ms']:.1f} | {r['ours']['p90_ms']:.1f} | {r['floor']['median_ms']:.1f} | "
-                         f"{r['ratio']:.2f}x | {r['answer_bytes']} | {r['echoed_input_chars']} |")
+            lines.append(f"| {shape} | {r['ours']['median_ms']:.1f} ({r['ours']['p90_ms']:.1f}) | {r['floor']['median_ms']:.1f} "
+                         f"({r['floor']['p90_ms']:.1f}) | {r['ratio']:.2f}x ({r['pair_ratio_median']:.2f}x) | "
+                         f"{r['floor_orjson']['median_ms']:.1f} | {r['ratio_orjson']:.2f}x | {r['answer_bytes']} | "
+                         f"{r['echoed_input_chars']} |")
     return lines
 
 
@@ -315,5 +361,6 @@ if __name__ == "__main__":
     parser.add_argument("what", choices=["floor"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--outputs", type=Path, required=True)
+    parser.add_argument("--json", choices=FLOOR_JSON, default="stdlib")
     a = parser.parse_args()
-    serve_floor(a.port, a.outputs)
+    serve_floor(a.port, a.outputs, a.json)

@@ -27,6 +27,9 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
   check, which decoded data: URIs twice each);
 - a long data: URI input is echoed in the answer and the webhooks as a short data: URI saying what
   was sent (Cog echoed the whole image in each);
+- Cog's answers and the webhooks' bodies are serialised by orjson (the same bytes as Starlette's
+  json.dumps for what Cog answers; 30x faster on an answer of data: URIs), and the body the guard
+  parsed is the one FastAPI validates (it parsed it again);
 - the final webhook goes out once Cog has marked the prediction done (it sent it before, so a
   request sent on it could get 409);
 - SIGTERM/SIGINT set the shutdown event from a fresh thread (Cog's handler takes a lock inside a
@@ -129,23 +132,24 @@ def _finite_float(text: str):
     return value if math.isfinite(value) else _NonFinite(text)
 
 
-def _body_problem(raw: bytes) -> str | None:
-    """Why a prediction/training body is not one Cog can take, or None."""
+def _parsed_body(raw: bytes):
+    """(the body as json.loads gives it, None), or (None, why Cog cannot take it)."""
     try:
         # Python's JSON takes the bare tokens NaN and Infinity, which no JSON client should send; Cog
-        # answered them with 500 when it encoded its reply.
+        # answered them with 500 when it encoded its reply. A finite number parses as json.loads parses
+        # it, so a body with none of them is json.loads(raw) exactly, and FastAPI is handed it.
         body = json.loads(raw, parse_constant=_NonFinite, parse_float=_finite_float) if raw.strip() else None
     except ValueError:
-        return "the body is not valid JSON; send {\"input\": {...}}"
+        return None, "the body is not valid JSON; send {\"input\": {...}}"
     if not isinstance(body, dict):
-        return "the body must be a JSON object: {\"input\": {...}}"
+        return None, "the body must be a JSON object: {\"input\": {...}}"
     if not isinstance(body.get("input"), dict):
-        return "the body needs an \"input\" object holding the inputs: {\"input\": {\"image\": ..., \"prompt\": ...}}"
+        return None, "the body needs an \"input\" object holding the inputs: {\"input\": {\"image\": ..., \"prompt\": ...}}"
     where = _non_finite_at(body)
     if where:
         path, token = where
-        return f"{path} is {token}, not a finite number; send a finite number"
-    return None
+        return None, f"{path} is {token}, not a finite number; send a finite number"
+    return body, None
 
 
 def _non_finite_at(value, path: str = "") -> tuple[str, str] | None:
@@ -157,6 +161,25 @@ def _non_finite_at(value, path: str = "") -> tuple[str, str] | None:
         if found:
             return found
     return None
+
+
+# The scope key under which the guard hands FastAPI the body it parsed (Starlette's Request.json).
+PARSED_BODY = "controlnet_cog.parsed_body"
+
+
+def _patch_request_json() -> None:
+    """FastAPI parses the body of each request again (Request.json); the guard's parse is the same
+    object (~1.2 ms for a 0.8 MB body)."""
+    from starlette.requests import Request
+
+    original = Request.json
+
+    async def parsed_json(self):
+        if not hasattr(self, "_json") and PARSED_BODY in self.scope:
+            self._json = self.scope[PARSED_BODY]
+        return await original(self)
+
+    Request.json = parsed_json
 
 
 class Guard:
@@ -181,11 +204,11 @@ class Guard:
             if too_big:
                 return await _reply(send, *_json_response(
                     413, f"the body is over {MAX_BODY_BYTES // 2**20} MiB; send large images as URLs"))
-            problem = _body_problem(raw)
+            body, problem = _parsed_body(raw)
             if problem:
                 detail = [{"loc": ["body"], "msg": problem, "type": "value_error"}]
                 return await _reply(send, *_json_response(422, detail))
-            return await self.app(scope, _replay(raw), send)
+            return await self.app({**scope, PARSED_BODY: body}, _replay(raw), send)
         return await self.app(scope, receive, send)
 
 
@@ -254,6 +277,8 @@ def _patch_http_main(main) -> None:
             super().__init__(config=config)
 
     main.Server = GuardedServer
+    main.JSONResponse = _fast_json_response(main.JSONResponse)
+    _patch_request_json()
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(signum)
         if previous is signal.default_int_handler:
@@ -262,6 +287,23 @@ def _patch_http_main(main) -> None:
             signal.signal(signum, _watching(previous))
         elif callable(previous):
             signal.signal(signum, _stop_handler(previous))
+
+
+def _fast_json_response(base):
+    """Cog's JSONResponse (Starlette's: json.dumps, ensure_ascii=False, compact) rendered by orjson,
+    which writes the same bytes for what Cog answers (strings, numbers, lists, dicts with string keys;
+    a NaN cannot reach it: the guard refuses one in the input, and Cog's own figures are finite). The
+    stdlib scans every character of the data: URIs: 53 ms for 4 samples at 1024x768, orjson 1.7 ms."""
+    import orjson
+
+    class FastJSONResponse(base):
+        def render(self, content) -> bytes:
+            try:
+                return orjson.dumps(content)
+            except TypeError:  # what orjson refuses (a non-string key, an int over 64 bits): Starlette's way
+                return super().render(content)
+
+    return FastJSONResponse
 
 
 def _stop_handler(previous):
@@ -499,7 +541,10 @@ def _webhook_sender(url: str, events_filter, cog_webhook):
             if terminal:
                 settled.wait(SETTLE_TIMEOUT_S)
             try:
-                (retrying if terminal else session).post(url, json=payload, timeout=WEBHOOK_TIMEOUT)
+                # orjson: the final webhook of an async answer carries its files as data: URIs, which
+                # requests' json.dumps scans character by character (~50 ms at 4 samples of 1024x768).
+                (retrying if terminal else session).post(url, data=_json_bytes(payload), timeout=WEBHOOK_TIMEOUT,
+                                                         headers={"Content-Type": "application/json"})
             except requests.RequestException as exc:
                 print(f"controlnet-cog: webhook to {url.split('?')[0]} failed ({type(exc).__name__}); the prediction "
                       "is unaffected", file=sys.stderr, flush=True)
@@ -518,6 +563,15 @@ def _webhook_sender(url: str, events_filter, cog_webhook):
 
     caller.settled = settled
     return caller
+
+
+def _json_bytes(payload) -> bytes:
+    import orjson
+
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        return json.dumps(payload, allow_nan=False).encode()
 
 
 # -- worker logs ----------------------------------------------------------------------------------
