@@ -54,6 +54,7 @@ Every fix is tested through the real server (tests/test_serving.py), the log lin
 from __future__ import annotations
 
 import atexit
+import binascii
 import io
 import ipaddress
 import json
@@ -61,6 +62,7 @@ import math
 import mimetypes
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -371,15 +373,28 @@ def _patch_path_validation() -> None:
         if not isinstance(value, (str, pathlib.Path)):
             raise ValueError("a file input must be a string: an http(s) URL or a data: URI")
         if isinstance(value, str) and value.startswith("data:"):
-            # Cog decodes a data: URI twice, once for its file name and once for its bytes (~4 ms for a
-            # 0.6 MB image): decoded once here, with the same urllib handler.
-            with urllib.request.urlopen(value) as decoded:  # noqa: S310  data: only
-                extension = mimetypes.guess_extension(decoded.headers.get_content_type())
-                data = decoded.read()
+            # Cog decodes a data: URI twice, once for its file name and once for its bytes (~5 ms each
+            # for a 0.6 MB image): decoded once here.
+            content_type, data = _decode_data_uri(value)
+            extension = mimetypes.guess_extension(content_type)
             return cog_types.URLPath(source=value, filename="file" + (extension or ""), fileobj=io.BytesIO(data))
         return original(cls, value)
 
     cog_types.Path.validate = classmethod(validate)
+
+
+_BASE64_URI = re.compile(r"data:([A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+)?((?:;[^,;]*)*);base64,")
+
+
+def _decode_data_uri(uri: str) -> tuple[str, bytes]:
+    """(content type, bytes) of a data: URI, as urllib's data: handler gives them. The usual form,
+    `data:<type>;base64,<data>` without %-escapes, is decoded by binascii directly: urllib first copies
+    the whole payload through unquote_to_bytes (3.3 ms instead of 5.0 for a 0.6 MB image)."""
+    match = _BASE64_URI.match(uri)
+    if match and "%" not in uri:
+        return (match.group(1) or "text/plain").lower(), binascii.a2b_base64(uri[match.end():])
+    with urllib.request.urlopen(uri) as decoded:  # noqa: S310  data: only (the caller's check)
+        return decoded.headers.get_content_type(), decoded.read()
 
 
 def _cog_mode() -> str:

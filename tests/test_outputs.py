@@ -102,13 +102,29 @@ def test_a_bad_output_format_in_process_says_what_to_send(predictor, image_file)
 def test_a_data_uri_input_is_decoded_once(monkeypatch):
     from cog import types as cog_types
 
-    calls = []
-    urlopen = urllib.request.urlopen
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, *a, **k: calls.append(url[:20]) or urlopen(url, *a, **k))
+    decodes = []
+    a2b = serving.binascii.a2b_base64
+    monkeypatch.setattr(serving.binascii, "a2b_base64", lambda data: decodes.append(len(data)) or a2b(data))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("decoded through urllib"))
     path = cog_types.Path.validate(IMAGE)
-    assert len(calls) == 1  # Cog's own validator decoded it twice: once for the name, once for the bytes
+    assert len(decodes) == 1  # Cog's own validator decoded it twice: once for the name, once for the bytes
     assert path.filename == "file.png" and path.convert().read_bytes() == png_bytes(drawing())
     path.unlink()
+
+
+@pytest.mark.parametrize("uri", [
+    "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256))).decode(),
+    "data:Image/JPEG;base64,/9j/4AAQ",
+    "data:image/webp;name=a.webp;base64,UklGRg==",
+    "data:;base64,aGVsbG8=",
+    "data:image/png;base64,aGVs\nbG8=",
+    "data:image/png;base64,aGVsbG8%3D",
+    "data:text/plain,hello%20world",
+    "data:,plain",
+])
+def test_data_uris_decode_as_urllib_decodes_them(uri):
+    with urllib.request.urlopen(uri) as expected:
+        assert serving._decode_data_uri(uri) == (expected.headers.get_content_type(), expected.read())
 
 
 def test_the_answer_does_not_echo_a_large_input(servers):
