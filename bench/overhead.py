@@ -351,8 +351,8 @@ def check(r: dict) -> list[str]:
         if any(s.get("pixels_identical") is False for s in row.values()):
             problems.append(f"PNG pixels differ from the source at {shape}")
     if "server" not in r["args"]["skip"]:
-        problems += [f"no HTTP overhead for {shape}" for shape in HTTP_SHAPES
-                     if not o.get("http", {}).get(shape, {}).get("floor", {}).get("median_ms")]
+        problems += [f"no HTTP overhead for {shape} ({floor})" for shape in HTTP_SHAPES for floor in ("floor", "floor_orjson")
+                     if not o.get("http", {}).get(shape, {}).get(floor, {}).get("median_ms")]
     return problems
 
 
