@@ -147,21 +147,41 @@ def _parsed_body(raw: bytes):
         return None, "the body must be a JSON object: {\"input\": {...}}"
     if not isinstance(body.get("input"), dict):
         return None, "the body needs an \"input\" object holding the inputs: {\"input\": {\"image\": ..., \"prompt\": ...}}"
-    where = _non_finite_at(body)
-    if where:
-        path, token = where
-        return None, f"{path} is {token}, not a finite number; send a finite number"
-    return body, None
+    problem = _bad_value_at(body)
+    return (None, problem) if problem else (body, None)
 
 
-def _non_finite_at(value, path: str = "") -> tuple[str, str] | None:
+def _bad_value_at(value, path: str = "") -> str | None:
+    """What to fix about the first value Cog cannot take: a NaN, Infinity or out-of-range number, or
+    a string (value or key) holding a lone UTF-16 surrogate (JSON's "\\ud83c" without its pair): no
+    text, so the tokenizer raised on it and the answer echoing it could not be encoded (500)."""
     if isinstance(value, _NonFinite):
-        return path, str(value)
+        return f"{path} is {value}, not a finite number; send a finite number"
+    if isinstance(value, str):
+        surrogate = _lone_surrogate(value)
+        return None if surrogate is None else (
+            f"{path or 'the body'} holds a lone surrogate ({surrogate}), which is not text; send valid Unicode "
+            "(a character beyond U+FFFF as its surrogate pair, or as UTF-8)")
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        found = _non_finite_at(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip("."))
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip(".")
+        surrogate = _lone_surrogate(key) if isinstance(key, str) else None
+        if surrogate is not None:
+            return (f"a name in {path or 'the body'} holds a lone surrogate ({surrogate}), which is not text; "
+                    "send valid Unicode")
+        found = _bad_value_at(item, where)
         if found:
             return found
+    return None
+
+
+def _lone_surrogate(text: str) -> str | None:
+    if text.isascii():  # O(1) in CPython: the 0.8 MB image is never scanned
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return ascii(text[exc.start])[1:-1]
     return None
 
 

@@ -99,6 +99,27 @@ def test_a_non_finite_number_anywhere_in_a_body_gets_422(special, value, where):
     assert main.health() == "READY"
 
 
+@pytest.mark.parametrize("field, where", [
+    ('"prompt": "a \\ud83c house"', "input.prompt holds a lone surrogate (\\ud83c)"),
+    ('"prompt": "a house", "n_prompt": ["x", "\\udfe0"]', "input.n_prompt[1] holds a lone surrogate (\\udfe0)"),
+    ('"prompt": "a house", "\\ud800": 1', "a name in input holds a lone surrogate (\\ud800)"),
+])
+def test_a_lone_surrogate_anywhere_in_a_body_gets_422(special, field, where):
+    """JSON lets a string hold half of a surrogate pair; it is not text: the tokenizer raised on it (a
+    failed prediction, the worker's self-test) and Cog's answer echoing it could not be encoded (500)."""
+    main, _ = special
+    raw = '{"input": {"image": "%s", %s}}' % (IMAGE, field)
+    response = requests.post(f"{main.url}/predictions", data=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["detail"][0]["msg"].startswith(where)
+    # A surrogate pair (one character beyond U+FFFF) is text, and taken.
+    paired = '{"input": {"image": "%s", "prompt": "a \\ud83c\\udfe0", "ddim_steps": 1, "image_resolution": "256"}}' % IMAGE
+    response = requests.post(f"{main.url}/predictions", data=paired, headers={"content-type": "application/json"}, timeout=120)
+    assert response.status_code == 200 and response.json()["status"] == "succeeded", response.text[:300]
+    assert response.json()["input"]["prompt"] == "a \U0001f3e0"
+    assert main.health() == "READY"
+
+
 def test_shutdown_is_refused_where_the_policy_says_so(special):
     main, _ = special
     response = requests.post(f"{main.url}/shutdown", timeout=10)
