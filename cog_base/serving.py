@@ -8,7 +8,8 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 - a guard in front of the app: a body that is not `{"input": {...}}` gets 422 with what to send
   (Cog answers `{}`, `null` and `{"input": null}` with 500 from an unhandled ValidationError in
   `_predict`), and so does a NaN, Infinity or 1e999 anywhere in a body (Python's JSON takes them; Cog
-  answered 500); bodies over a bound get 413; `POST /shutdown` is refused unless the client is on
+  answered 500) and a string with a lone UTF-16 surrogate (not text: the same 500); bodies over a
+  bound get 413; `POST /shutdown` is refused unless the client is on
   loopback (Cog lets anyone who reaches the port stop the server); `POST /trainings/{id}/cancel`
   is answered by the predictions' cancel route, which runs the same `runner.cancel` (Cog's training
   route calls the async cancel handler without awaiting it: every training cancel was a 500 and
