@@ -54,6 +54,27 @@ def decode(uri: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
 
+def set_up(condition: str):
+    """A predictor of `condition` set up in this process. A module shares one per condition with
+    `predictor = functools.cache(set_up)` (a failed setup is not cached)."""
+    p = predictor_class(condition)()
+    p.setup()
+    return p
+
+
+def random_lora(module, prefix: str, layers, generator) -> dict:
+    """A rank-4 PEFT LoRA of random values over each layer of `module` whose name ends with one of
+    `layers`, its keys under `prefix` ("unet", "text_encoder"), drawn in module order from `generator`."""
+    import torch
+
+    state = {}
+    for name, layer in module.named_modules():
+        if name.endswith(tuple(layers)):
+            state[f"{prefix}.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=generator)
+            state[f"{prefix}.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=generator)
+    return state
+
+
 def setup_with(monkeypatch, tmp_path, cog_weights, condition="canny"):
     """A predictor set up in this process with COG_WEIGHTS set to `cog_weights` (None: unset)."""
     monkeypatch.setenv("CONTROLNET_ASSET_CACHE", str(tmp_path / "cache"))

@@ -1,5 +1,7 @@
 """The ControlNet 1.1 images through the plain method, on tiny weights (no HTTP)."""
 
+import functools
+
 import cv2
 import numpy as np
 import pytest
@@ -7,18 +9,10 @@ from PIL import Image
 
 from models.image import resize_to
 from models.pipeline import Request
-from tests.conftest import drawing, predictor_class
+from tests.conftest import drawing, random_lora, set_up
 
 FAST = dict(ddim_steps=1, image_resolution="256", seed=3)
-_cache = {}
-
-
-def predictor(condition):
-    if condition not in _cache:
-        p = predictor_class(condition)()
-        p.setup()
-        _cache[condition] = p
-    return _cache[condition]
+predictor = functools.cache(set_up)
 
 
 def outputs(files):
@@ -166,12 +160,7 @@ def tiny_lora(pipe) -> str:
 
     from tests.conftest import data_uri
 
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for name, layer in pipe.unet.named_modules():
-        if name.endswith(("attn1.to_q", "attn1.to_v")):
-            state[f"unet.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g)
-            state[f"unet.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g)
+    state = random_lora(pipe.unet, "unet", ("attn1.to_q", "attn1.to_v"), torch.Generator().manual_seed(0))
     return data_uri(to_bytes(state), "application/octet-stream")
 
 

@@ -1,6 +1,8 @@
 """The controls beyond jagilley's inputs, through the plain method on tiny weights. Each test would fail
 if its input did nothing; defaults must reproduce the jagilley path bit for bit."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from PIL import Image
 
 from cog_base import A_PROMPT, N_PROMPT, Inputs
 from models.pipeline import SCHEDULERS
-from tests.conftest import predictor_class
+from tests.conftest import predictor_class, set_up
 
 FAST = dict(ddim_steps=2, image_resolution="256", seed=11)
 
@@ -148,14 +150,7 @@ def test_an_uploaded_map_reproduces_the_samples_of_the_call_that_returned_it(con
     np.testing.assert_array_equal(sample, pixels(again[1]))
 
 
-_cache = {}
-
-
-def canny_or(condition):
-    if condition not in _cache:
-        _cache[condition] = predictor_class(condition)()
-        _cache[condition].setup()
-    return _cache[condition]
+canny_or = functools.cache(set_up)
 
 
 @pytest.mark.parametrize("condition, expected", [("canny", "white lines on black"), ("seg", "segmentation palette")])
@@ -196,7 +191,7 @@ def test_choices_are_still_checked_after_a_schema_was_built_in_this_process(tmp_
     (the suite's order once let controlnet_version "2" through to the weights lookup)."""
     from cog.predictor import get_input_type
 
-    from tests.conftest import predictor_class
+    from tests.conftest import predictor_class, set_up
 
     predictor = predictor_class("canny")()
     get_input_type(predictor)

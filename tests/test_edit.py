@@ -13,7 +13,7 @@ from safetensors.torch import save
 
 from models.image import resize_to
 from models.pipeline import SCHEDULERS, EditRefusedError, Request, _client_terms
-from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class
+from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class, random_lora
 
 # Small uploads returned at their own size (generated at 128x128), 2 steps: strength 0.8 runs 1 of them.
 W, H = 160, 120
@@ -235,11 +235,7 @@ def test_every_scheduler_edits(canny, files, scheduler):
 def test_lora_and_embedding_apply_to_edits(canny, files):
     unet, width = canny.runner.pipe.unet, canny.runner.pipe.text_encoder.config.hidden_size
     g = torch.Generator().manual_seed(3)
-    lora = {}
-    for name, layer in unet.named_modules():
-        if name.endswith(("to_q", "to_v")) and ".attn" in name:
-            lora[f"unet.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g)
-            lora[f"unet.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g)
+    lora = random_lora(unet, "unet", ("to_q", "to_v"), g)  # every to_q / to_v of the UNet is an attention's
     uri = lambda state: "data:application/octet-stream;base64," + base64.b64encode(save(state)).decode()  # noqa: E731
     style = dict(lora_url=uri(lora))
     word = dict(embedding_url=uri({"emb_params": torch.randn(1, width, generator=g) * 3}), embedding_token="<x>")

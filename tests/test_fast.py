@@ -18,7 +18,7 @@ from models.detectors.canny import CannyDetector
 from models.image import target_size
 from models.pipeline import ControlNetRunner, Request, load_pipeline
 
-from conftest import data_uri, decode, drawing, png_bytes
+from conftest import data_uri, decode, drawing, png_bytes, random_lora
 
 MAX_DIFF, MEAN_DIFF = 2, 0.5
 
@@ -118,13 +118,8 @@ def test_the_exact_options_give_bit_identical_samples_and_each_does_its_work_onc
 
 
 def text_encoder_lora(pipe) -> dict:
-    g = torch.Generator().manual_seed(5)
-    state = {}
-    for name, layer in pipe.text_encoder.named_modules():
-        if name.endswith(("self_attn.q_proj", "self_attn.v_proj")):
-            state[f"text_encoder.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g)
-            state[f"text_encoder.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g)
-    return state
+    return random_lora(pipe.text_encoder, "text_encoder", ("self_attn.q_proj", "self_attn.v_proj"),
+                       torch.Generator().manual_seed(5))
 
 
 def test_the_negative_cache_is_never_stale_when_a_lora_or_an_embedding_changes_the_text_encoder(plain, exact):

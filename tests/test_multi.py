@@ -1,6 +1,8 @@
 """The multi image: several ControlNet units in one request (#19), on tiny weights. Most behaviour goes
 through the plain method; one real Cog server (module-scoped) covers the schema and the HTTP errors."""
 
+import functools
+
 import numpy as np
 import pytest
 import requests
@@ -10,7 +12,7 @@ import weights
 from cog_base.inputs import SHARED_CONTROLS, SHARED_HEAD, Inputs
 from models.control import ControlNets
 from scripts.cog_server import CogServer
-from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class
+from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class, set_up
 
 FAST = dict(prompt="a house", image_resolution="256", ddim_steps=2, seed=5)
 CONDITIONS = weights.COMBINED["multi"]
@@ -23,14 +25,7 @@ def multi():
     return p
 
 
-_singles = {}
-
-
-def single(condition):
-    if condition not in _singles:
-        _singles[condition] = predictor_class(condition)()
-        _singles[condition].setup()
-    return _singles[condition]
+single = functools.cache(set_up)
 
 
 def pixels(files) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ from PIL import Image
 
 import weights
 from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS
-from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class
+from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class, random_lora
 
 CONDITIONS = weights.CONDITIONS
 
@@ -228,12 +228,7 @@ def test_a_lora_by_data_uri_through_the_server(servers):
     from safetensors.torch import save
 
     unet = UNet2DConditionModel.from_pretrained(weights.locate("canny").base / "unet", variant="fp16")
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for name, layer in unet.named_modules():
-        if name.endswith(("attn1.to_q", "attn1.to_v")):
-            state[f"unet.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g)
-            state[f"unet.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g)
+    state = random_lora(unet, "unet", ("attn1.to_q", "attn1.to_v"), torch.Generator().manual_seed(0))
     uri = "data:application/octet-stream;base64," + base64.b64encode(save(state)).decode()
     image = data_uri(png_bytes(drawing()))
     plain = servers["canny"].predict({"image": image, **GOOD}).json()

@@ -2,6 +2,7 @@
 1.1 runs its own ControlNet (and its own detector where 1.1 changed it). Tiny weights, plain method;
 one image through the real Cog server (test_server.py checks the input is the same in every schema)."""
 
+import functools
 import json
 import time
 
@@ -13,19 +14,11 @@ from PIL import Image
 import weights
 from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS
 from scripts import parity_hashes as reference
-from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class
+from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class, set_up
 
 VERSIONED = ("canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg")
 FIXTURE = json.loads(reference.FIXTURE.read_text())
-_cache = {}
-
-
-def predictor(condition):
-    if condition not in _cache:
-        p = predictor_class(condition)()
-        p.setup()
-        _cache[condition] = p
-    return _cache[condition]
+predictor = functools.cache(set_up)
 
 
 def pixels(path):
