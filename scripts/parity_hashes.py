@@ -6,9 +6,12 @@ tests/fixtures/parity_hashes.json. tests/test_parity.py recomputes them with the
 refactor of the request path must leave every one unchanged.
 
 The fixture records the commit whose code made it. Float results depend on the CPU's kernels and
-torch's version, so on another platform regenerate it from that commit (`git worktree add /tmp/ref
-<commit>` and run this module there with --out), never from the code under test. Everything runs
-on one CPU thread (see one_thread()).
+torch's version, so the hashes hold only where they were made. On any other CPU the reference is that
+commit's code run on this machine (`expected()`): the commit's tree is exported beside the clone,
+gets its own tiny weights and runs this script; the result is cached per CPU and torch version
+(~/.cache/controlnet-cog/parity/), and `--add-reference` commits it into the fixture for a CPU the
+team's machines have. Never regenerate the reference from the code under test. Everything runs on one
+CPU thread (see one_thread()).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -121,19 +125,106 @@ def compute(conditions=CONDITIONS) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def cpu_info() -> str:
+    """What picks torch's CPU kernels, and with them the last bits of a float result: the vendor, the
+    model and the widest vector unit torch dispatches to (its own answer, so a CPU whose flags differ
+    in what torch ignores keeps one reference)."""
+    import torch
+
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    vendor = fields.get("vendor_id") or platform.processor() or platform.machine()
+    model = fields.get("model name") or platform.machine()
+    return f"{vendor} {model} {torch.backends.cpu.get_cpu_capability()}"
+
+
 def platform_info() -> dict:
     import torch
 
-    return {"torch": torch.__version__, "machine": platform.machine(), "python": platform.python_version()}
+    return {"torch": torch.__version__, "machine": platform.machine(), "python": platform.python_version(),
+            "cpu": cpu_info()}
+
+
+def platform_key(info: dict) -> str:
+    """The platform a reference holds for (no "cpu" in it: the machine that made the fixture was not recorded,
+    so that reference holds for no machine but its own, and every other one builds its own)."""
+    return f"{info.get('cpu', 'unrecorded CPU')} | torch {info['torch']}"
+
+
+def _fixture() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+def expected(fixture: dict | None = None, cache: Path | None = None) -> tuple[dict, str]:
+    """The hashes this machine must reproduce, and where they come from: the fixture's own when it was
+    made on this platform, a reference the fixture carries for this platform, a cached one, or else the
+    fixture's commit run here now (minutes, once per CPU and torch version)."""
+    fixture = fixture or _fixture()
+    here = platform_key(platform_info())
+    if platform_key(fixture["platform"]) == here:
+        return fixture["hashes"], f"the fixture (made on {here})"
+    committed = fixture.get("references", {}).get(here)
+    if committed is not None and committed["inputs"] == fixture["inputs"]:
+        return committed["hashes"], f"the fixture's reference for {here}"
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "controlnet-cog" / "parity"
+    slug = hashlib.sha256(here.encode()).hexdigest()[:16]
+    cached = cache / f"{fixture['commit'][:12]}-{slug}.json"
+    if cached.is_file():
+        made = json.loads(cached.read_text())
+        if made.get("inputs") == fixture["inputs"] and platform_key(made["platform"]) == here:
+            return made["hashes"], f"commit {fixture['commit'][:10]} run on this machine (cached in {cached})"
+    made = build_reference(fixture["commit"], cached)
+    if platform_key(made["platform"]) != here:
+        raise RuntimeError(f"the reference was made on {platform_key(made['platform'])}, not on {here}")
+    if made["inputs"] != fixture["inputs"]:
+        raise RuntimeError("the reference was made from other input sets than the fixture's")
+    return made["hashes"], f"commit {fixture['commit'][:10]} run on this machine now (cached in {cached})"
+
+
+def build_reference(commit: str, out: Path) -> dict:
+    """Runs `commit`'s code on this machine: its tree exported (git archive: the clone's own work tree and
+    git state untouched), its own tiny weights written there by its own generator, then this script,
+    which that commit predates. Writes the result to `out` and returns it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="parity-reference-") as tmp:
+        tree = Path(tmp)
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=ROOT, capture_output=True)
+        if archive.returncode != 0:
+            raise RuntimeError(
+                f"the parity reference for this CPU needs commit {commit} of this repository's history "
+                f"(a full clone): git archive said {archive.stderr.decode(errors='replace').strip()}"
+            )
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+        shutil.copy(Path(__file__), tree / "scripts" / "parity_hashes.py")
+        env = {**os.environ, "CONTROLNET_WEIGHTS_DIR": str(tree / "weights"), "CONTROLNET_WEIGHTS": "tiny",
+               "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
+        partial = out.with_suffix(".partial")
+        for step in (["-m", "weights.tiny"], ["-m", "scripts.parity_hashes", "--out", str(partial), "--commit", commit]):
+            done = subprocess.run([sys.executable, *step], cwd=tree, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"commit {commit[:10]}'s `python {' '.join(step)}` failed:\n{done.stderr[-4000:]}")
+        partial.replace(out)
+    return json.loads(out.read_text())
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=FIXTURE)
+    parser.add_argument("--commit", help="the commit this tree is (for a tree without git: an exported one)")
+    parser.add_argument("--add-reference", action="store_true",
+                        help="run the fixture's commit on this machine and add its hashes to the fixture as the "
+                             "reference for this CPU (for a CPU the team's machines have; others build theirs)")
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "cog_base", "models", "predictors", "weights"],
-                           cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if args.add_reference:
+        return add_reference()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip()
+    dirty = not args.commit and subprocess.run(
+        ["git", "status", "--porcelain", "--", "cog_base", "models", "predictors", "weights"],
+        cwd=ROOT, capture_output=True, text=True).stdout.strip()
     fixture = {
         "_comment": f"made by `python -m scripts.parity_hashes` on the code of commit {commit}, one CPU thread"
                     + (" (with uncommitted changes!)" if dirty else "")
@@ -146,6 +237,19 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(fixture, indent=1) + "\n")
     print(f"wrote {args.out}")
+
+
+def add_reference() -> None:
+    fixture = _fixture()
+    with tempfile.TemporaryDirectory() as tmp:
+        made = build_reference(fixture["commit"], Path(tmp) / "reference.json")
+    here = platform_key(made["platform"])
+    fixture.setdefault("references", {})[here] = {
+        "_comment": f"commit {fixture['commit'][:10]}'s code run on {here} (python -m scripts.parity_hashes --add-reference)",
+        "platform": made["platform"], "inputs": made["inputs"], "hashes": made["hashes"],
+    }
+    FIXTURE.write_text(json.dumps(fixture, indent=1) + "\n")
+    print(f"added the reference for {here} to {FIXTURE}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ def tiny_weights():
     return weights.root() / weights.TINY
 
 
+@pytest.fixture(scope="session")
+def parity_reference():
+    """The parity hashes this machine must reproduce, and where they come from (scripts/parity_hashes.py:
+    the fixture's, or its commit run on this CPU, built once and cached)."""
+    from scripts import parity_hashes
+
+    return parity_hashes.expected()
+
+
 def predictor_class(condition):
     return importlib.import_module(f"predictors.{condition}.predict").Predictor
 

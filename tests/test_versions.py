@@ -17,7 +17,6 @@ from scripts import parity_hashes as reference
 from tests.conftest import data_uri, decode, drawing, png_bytes, predictor_class, set_up
 
 VERSIONED = ("canny", "depth", "hed", "hough", "normal", "pose", "scribble", "seg")
-FIXTURE = json.loads(reference.FIXTURE.read_text())
 predictor = functools.cache(set_up)
 
 
@@ -47,12 +46,12 @@ def test_the_eight_images_take_controlnet_version_right_before_the_strength_and_
 
 
 @pytest.mark.parametrize("condition", VERSIONED)
-def test_version_10_is_bit_identical_and_11_runs_its_own_controlnet_on_first_use(condition, upload):
+def test_version_10_is_bit_identical_and_11_runs_its_own_controlnet_on_first_use(condition, upload, parity_reference):
     p = predictor(condition)
     folder = p.weights.folders["controlnet@1.1"]
     with reference.one_thread():
         explicit = [reference.pixel_hash(f) for f in p.generate(image=upload, controlnet_version="1.0", **reference.FAST)]
-        assert explicit == FIXTURE["hashes"][condition]["defaults"]  # the parity fixture: today's outputs
+        assert explicit == parity_reference[0][condition]["defaults"]  # the parity reference: today's outputs
         assert folder not in p.runner.controlnets.loaded  # a 1.0 request never loads the 1.1 model
         newer = p.generate(image=upload, controlnet_version="1.1", **reference.FAST)
     assert folder in p.runner.controlnets.loaded
