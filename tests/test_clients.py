@@ -3,6 +3,8 @@ input whose choices are all numbers takes an integer that is one of them as that
 guard rewrites it before Cog's schema validates) and in generate(); anything else keeps its 422 / error."""
 
 import functools
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -77,3 +79,25 @@ def test_generate_takes_integers_for_numeric_choices_and_nothing_else(tmp_path):
             p.generate(image=path, prompt="a house", image_resolution=value, ddim_steps=1)
     with pytest.raises(ValueError, match="controlnet_version must be one of 1.0, 1.1"):
         p.generate(image=path, prompt="a house", controlnet_version=1.1, ddim_steps=1)  # not a numeric choice
+
+
+def test_without_a_webhook_a_sync_put_with_the_clients_own_id_answers_with_the_result_and_can_be_cancelled(server):
+    """Cog 0.16 has no GET /predictions/{id}: a client without a webhook sends a sync PUT under an id it chose,
+    which it can cancel from another connection (docs/serving.md, the asynchronous flow)."""
+    prediction_id = f"c{uuid.uuid4().hex}"
+    answer = requests.put(f"{server.url}/predictions/{prediction_id}", json={"input": QUICK}, timeout=300)
+    assert answer.status_code == 200 and answer.json()["status"] == "succeeded" and answer.json()["id"] == prediction_id
+    assert len(answer.json()["output"]) == 2
+    assert requests.get(f"{server.url}/predictions/{prediction_id}", timeout=10).status_code == 405
+    long_id, answers = f"c{uuid.uuid4().hex}", []
+    slow = {**QUICK, "image_resolution": "768", "ddim_steps": 100}
+    sender = threading.Thread(target=lambda: answers.append(
+        requests.put(f"{server.url}/predictions/{long_id}", json={"input": slow}, timeout=600)))
+    sender.start()
+    deadline = time.monotonic() + 120
+    while requests.get(f"{server.url}/health-check", timeout=10).json()["status"] != "BUSY":
+        assert time.monotonic() < deadline, "the prediction never started"
+        time.sleep(0.1)
+    assert requests.post(f"{server.url}/predictions/{long_id}/cancel", timeout=30).status_code == 200
+    sender.join(timeout=120)
+    assert answers and answers[0].json()["status"] == "canceled", answers and answers[0].text[:300]
