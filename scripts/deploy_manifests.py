@@ -35,7 +35,7 @@ WEIGHTS_MOUNT = "/weights"
 TIMEOUT_S = 600
 MAX_BODY_MB = 64  # cog_base/serving.py's default for CONTROLNET_MAX_BODY_MB
 ENDPOINT_DRAIN_S = 5  # for the Service to drop a stopping pod before it is asked whether it is busy
-STOP_S = 10  # SIGTERM stops Cog within this (README, "Stopping")
+STOP_S = 10  # SIGTERM stops Cog within this (docs/serving.md, "Stopping")
 
 # preStop of the Deployment's container: wait while Cog says BUSY (the running prediction finishes;
 # Cog alone would abandon it 5 s after SIGTERM), at most the longest prediction. Python, because the
