@@ -52,6 +52,7 @@ from scripts.serve import port_number, require_port
 CACHE = Path(os.environ.get("CONTROLNET_COG_CACHE", Path.home() / ".cache" / "controlnet-cog")) / "image-test"
 # The dependency image's label holding the PIP_OPTIONS it was built with: the pip layers' cache key.
 PIP_OPTIONS_LABEL = "org.controlnet-cog.pip-options"
+BASE_ID_LABEL = "org.controlnet-cog.base-id"  # the base image it was built on
 BUILD_ENV = {**os.environ, "DOCKER_BUILDKIT": "0"}  # Debian's client has no buildx; the Dockerfile needs none
 STOP_LIMIT_S = 10.0
 
@@ -263,14 +264,26 @@ def docker_build(context: Path, tag: str, base: str, options: str, labels: dict 
     run(*args, str(context), env=BUILD_ENV, stdout=subprocess.DEVNULL)
 
 
+def _label(image: str, key: str) -> str | None:
+    inspected = subprocess.run(["docker", "image", "inspect", "-f", f'{{{{index .Config.Labels "{key}"}}}}', image],
+                               capture_output=True, text=True)
+    value = inspected.stdout.strip()
+    return value if inspected.returncode == 0 and value not in ("", "<no value>") else None
+
+
+def _image_id(image: str) -> str:
+    return subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", image], capture_output=True, text=True).stdout.strip()
+
+
 def ensure_deps(context: Path, base: str) -> str:
     """The shared dependency layers, tagged so that removing a condition's image keeps them; returns the
-    PIP_OPTIONS they were built with, which a build must pass again to take them from the cache."""
+    PIP_OPTIONS they were built with, which a build must pass again to take them from the cache. Rebuilt
+    when the base image changed since (a build on another base would miss the cache, and no wheelhouse
+    is served to it)."""
     tag = f"controlnet-cog-deps:{requirements_key()}"
-    inspected = subprocess.run(["docker", "image", "inspect", "-f", f'{{{{index .Config.Labels "{PIP_OPTIONS_LABEL}"}}}}',
-                                tag], capture_output=True, text=True)
-    if inspected.returncode == 0 and inspected.stdout.strip() not in ("", "<no value>"):
-        return inspected.stdout.strip()
+    options, base_id = _label(tag, PIP_OPTIONS_LABEL), _image_id(base)
+    if options and _label(tag, BASE_ID_LABEL) == base_id:
+        return options
     server = serve_wheelhouse(ensure_wheelhouse())
     options = pip_options(server.server_address[1])
     try:
@@ -279,7 +292,7 @@ def ensure_deps(context: Path, base: str) -> str:
             (Path(tmp) / "Dockerfile").write_text(head)
             shutil.copy2(context / "requirements.txt", Path(tmp) / "requirements.txt")
             started = time.monotonic()
-            docker_build(Path(tmp), tag, base, options, labels={PIP_OPTIONS_LABEL: options})
+            docker_build(Path(tmp), tag, base, options, labels={PIP_OPTIONS_LABEL: options, BASE_ID_LABEL: base_id})
             log(f"dependency layers {tag}: {time.monotonic() - started:.0f} s (cached after the first build)")
     finally:
         server.shutdown()

@@ -42,20 +42,41 @@ def test_two_wheelhouse_servers_run_side_by_side_on_ports_of_their_own(tmp_path)
 
 
 def test_the_build_passes_the_dependency_images_own_pip_options(tmp_path, monkeypatch):
-    """The pip layers' cache key holds PIP_OPTIONS: a later build reuses the recorded ones and serves nothing."""
-    calls = []
+    """The pip layers' cache key holds PIP_OPTIONS: a later build reuses the recorded ones and serves nothing;
+    a dependency image built on another base image (or without the labels) is rebuilt."""
+    calls, labels = [], {}
     recorded = "--no-index --find-links http://127.0.0.1:40001/"
 
     def fake_run(cmd, **kw):
-        calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, stdout=recorded + "\n", stderr="")
+        calls.append(list(cmd))
+        if list(cmd[:3]) == ["docker", "image", "inspect"]:
+            out = labels.get(cmd[4].split('"')[1], "<no value>") if "Labels" in cmd[4] else "sha256:base-now"
+            return subprocess.CompletedProcess(cmd, 0, stdout=out + "\n", stderr="")
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    served = []
+
+    class Server:
+        server_address = ("127.0.0.1", 40002)
+
+        def shutdown(self):
+            served.append("stopped")
 
     monkeypatch.setattr(image_test.subprocess, "run", fake_run)
-    monkeypatch.setattr(image_test, "serve_wheelhouse", lambda house: (_ for _ in ()).throw(AssertionError("served")))
-    assert image_test.ensure_deps(tmp_path, "base") == recorded
-    assert calls[0][:3] == ["docker", "image", "inspect"] and image_test.PIP_OPTIONS_LABEL in calls[0][4]
+    monkeypatch.setattr(image_test, "ensure_wheelhouse", lambda: tmp_path)
+    monkeypatch.setattr(image_test, "serve_wheelhouse", lambda house: served.append("served") or Server())
+    (tmp_path / "Dockerfile").write_text(f"FROM x\n{image_test.DEPS_END}\nCOPY . /src\n")
+    (tmp_path / "requirements.txt").write_text("")
+    labels.update({image_test.PIP_OPTIONS_LABEL: recorded, image_test.BASE_ID_LABEL: "sha256:base-now"})
+    assert image_test.ensure_deps(tmp_path, "base") == recorded and served == []  # reused, nothing served
     image_test.docker_build(tmp_path, "t:1", "base", recorded)
     assert f"PIP_OPTIONS={recorded}" in calls[-1]
+    labels[image_test.BASE_ID_LABEL] = "sha256:base-before"  # the base image was made again since
+    rebuilt = image_test.ensure_deps(tmp_path, "base")
+    assert rebuilt == image_test.pip_options(40002) and served == ["served", "stopped"]
+    build = calls[-1]
+    assert build[:2] == ["docker", "build"] and f"PIP_OPTIONS={rebuilt}" in build
+    assert f"{image_test.PIP_OPTIONS_LABEL}={rebuilt}" in build and f"{image_test.BASE_ID_LABEL}=sha256:base-now" in build
 
 
 def test_a_dockerd_started_by_one_run_is_stopped_by_the_last_run_using_it(tmp_path):
