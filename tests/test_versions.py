@@ -166,6 +166,19 @@ def test_make_weights_fetches_the_pinned_11_controlnet_and_checks_its_digest(con
     assert "NOT downloaded" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("condition", sorted(PINNED_11))
+def test_the_newly_pinned_images_serve_11_with_its_own_controlnet(condition, upload):
+    """Apart from the parity fixture (which pins the 1.0 outputs of one CPU): a 1.1 request loads and runs the
+    1.1 ControlNet, stored as the fp16 file its pinned download is."""
+    p = predictor(condition)
+    folder = p.weights.folders["controlnet@1.1"]
+    assert folder.name == PINNED_11[condition][0] and (folder / FP16).is_file()
+    with reference.one_thread():
+        older = [reference.pixel_hash(f) for f in p.generate(image=upload, controlnet_version="1.0", **reference.FAST)]
+        newer = [reference.pixel_hash(f) for f in p.generate(image=upload, controlnet_version="1.1", **reference.FAST)]
+    assert folder in p.runner.controlnets.loaded and newer[1:] != older[1:]
+
+
 def test_a_component_without_a_pinned_revision_is_skipped_by_make_weights_with_the_reason(tmp_path, monkeypatch, capsys):
     from weights import download
 
