@@ -3,6 +3,7 @@ COND ?= canny
 PORT ?= 5000
 # Targets that start their own Cog server take PORT only when it is given (else a free port, so that they
 # never collide with a `make serve` on 5000).
+comma := ,
 SERVER_PORT = $(if $(filter command line environment,$(origin PORT)),--port $(PORT))
 KEEP ?=
 PLAYGROUND_PORT ?= 7860
@@ -14,6 +15,16 @@ WEIGHTS ?=
 MODE ?= predict
 PAIRS ?=
 PY := .venv/bin/python
+TEMPLATE ?=
+
+# An unknown COND is one line naming the conditions, before any target runs (COND=a,b for make fuzz).
+ifneq ($(filter command line environment,$(origin COND)),)
+KNOWN_CONDS := $(shell python3 -c 'import json; m = json.load(open("weights/manifest.json")); print(*m["conditions"], *m.get("combined", {}))')
+UNKNOWN_CONDS := $(filter-out $(KNOWN_CONDS),$(subst $(comma), ,$(COND)))
+ifneq ($(strip $(UNKNOWN_CONDS)),)
+$(error unknown COND=$(COND); the conditions are: $(KNOWN_CONDS))
+endif
+endif
 
 .PHONY: help quickstart test install tiny-weights weights serve predict train image image-test deploy clean playground sample-image soak fuzz stop-trials bench bench-smoke
 
@@ -34,7 +45,7 @@ help:
 		"make serve COND=custom WEIGHTS=x.tar" "serve a trained ControlNet (MODE=train: serve /trainings instead)" \
 		"make image COND=canny" "build the controlnet-canny image (cog build, or docker build without cog)" \
 		"make image-test COND=canny [KEEP=1]" "build a tiny-weights image, run it, predict, stop, clean up (KEEP=1 keeps the image)" \
-		"make deploy COND=canny REF=img:tag" "Knative / KServe / Kubernetes manifests into build/deploy/canny/ (ARGS='--toleration nvidia.com/gpu:NoSchedule')" \
+		"make deploy COND=canny REF=img:tag" "Knative / KServe / Kubernetes manifests for your pushed image -> build/deploy/canny/ (TEMPLATE=1: no image yet)" \
 		"make bench [BENCH_ARGS=...]" "benchmark, full-size random-weight models (GPU; docs/benchmarks.md)" \
 		"make bench-smoke" "the same harness, tiny models on CPU (CI)" \
 		"make bench-weights" "write the full-size random-weight models the benchmark loads" \
@@ -90,7 +101,7 @@ image-test: tiny-weights
 	$(PY) -m scripts.image_test $(COND) $(SERVER_PORT) $(if $(KEEP),--keep)
 
 deploy: install
-	$(PY) -m scripts.deploy_manifests $(COND) $(if $(REF),--image $(REF)) $(ARGS)
+	@$(PY) -m scripts.deploy_manifests $(COND) $(if $(REF),--image $(REF)) $(if $(TEMPLATE),--template) $(ARGS)
 
 N ?= 1000
 soak: tiny-weights

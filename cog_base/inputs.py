@@ -257,6 +257,14 @@ CHOICES = {
 }
 
 
+# The choice inputs whose choices are all numbers written as strings (num_samples, image_resolution), by name:
+# jagilley's clients send them as JSON integers (image_resolution 768), which these inputs take as that choice.
+NUMERIC_CHOICES = {
+    name: CHOICES[id(entry)] for name, entry in vars(Inputs).items()
+    if id(entry) in CHOICES and all(choice.isascii() and choice.isdigit() for choice in CHOICES[id(entry)])
+}
+
+
 def restore_choices() -> None:
     """Put back the "enum" a schema build took: a second build in one process (tests build one per
     image) would otherwise serve choice inputs as free strings."""

@@ -20,14 +20,22 @@ def _bounds(entry) -> tuple[Any, Any]:
     return low, high
 
 
+def is_numeric_choice(value: Any, choices) -> bool:
+    """An integer sent for a choice input whose choices are all numbers ("256", "512", "768"): real clients
+    send image_resolution 768 and num_samples 4 as JSON integers, meaning that choice. Only then; a bool,
+    a float or any other value is not converted."""
+    return type(value) is int and all(choice.isascii() and choice.isdigit() for choice in choices)
+
+
 def check(name: str, value: Any, entry, choices: Any = None) -> Any:
     """`value` against the registry entry `entry` (a Cog Input): its choices (`choices`, as the registry
     recorded them: see cog_base.inputs.CHOICES), or its ge/le bounds. A choice comes back as the string
-    the schema lists; an optional input left empty passes."""
+    the schema lists (an integer for a numeric choice too: is_numeric_choice); an optional input left empty
+    passes."""
     if choices is None:
         choices = (entry.json_schema_extra or {}).get("enum")
     if choices is not None:
-        if str(value) not in choices:
+        if not (isinstance(value, str) or is_numeric_choice(value, choices)) or str(value) not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
         return str(value)
     low, high = _bounds(entry)

@@ -8,8 +8,9 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 - a guard in front of the app: a body that is not `{"input": {...}}` gets 422 with what to send
   (Cog answers `{}`, `null` and `{"input": null}` with 500 from an unhandled ValidationError in
   `_predict`), and so does a NaN, Infinity or 1e999 anywhere in a body (Python's JSON takes them; Cog
-  answered 500) and a string with a lone UTF-16 surrogate (not text: the same 500); bodies over a
-  bound get 413; `POST /shutdown` is refused unless the client is on
+  answered 500) and a string with a lone UTF-16 surrogate (not text: the same 500); an integer sent
+  for a choice whose choices are numbers (image_resolution 768, as jagilley's clients send it) is
+  taken as that choice (Cog's schema answered 422); bodies over a bound get 413; `POST /shutdown` is refused unless the client is on
   loopback (Cog lets anyone who reaches the port stop the server); `POST /trainings/{id}/cancel`
   is answered by the predictions' cancel route, which runs the same `runner.cancel` (Cog's training
   route calls the async cancel handler without awaiting it: every training cancel was a 500 and
@@ -231,8 +232,22 @@ class Guard:
             if problem:
                 detail = [{"loc": ["body"], "msg": problem, "type": "value_error"}]
                 return await _reply(send, *_json_response(422, detail))
+            _numeric_choices_as_strings(body["input"])
             return await self.app({**scope, PARSED_BODY: body}, _replay(raw), send)
         return await self.app(scope, receive, send)
+
+
+def _numeric_choices_as_strings(inputs: dict) -> None:
+    """`image_resolution: 768` as the choice "768", before Cog's schema sees it (it answered 422 "Input should
+    be '256', '512' or '768'"): jagilley's clients send these choices as integers. Only an integer that
+    is one of the choices of an input whose choices are all numbers; anything else still gets Cog's 422."""
+    from cog_base.inputs import NUMERIC_CHOICES
+    from cog_base.request import is_numeric_choice
+
+    for name, choices in NUMERIC_CHOICES.items():
+        value = inputs.get(name)
+        if is_numeric_choice(value, choices) and str(value) in choices:
+            inputs[name] = str(value)
 
 
 def _with_path(scope, path: str):

@@ -67,13 +67,13 @@ GO_BUILD_KEYS = ("gpu", "python_version", "python_requirements", "python_package
 GO_TOP_KEYS = ("build", "image", "model", "predict", "train", "concurrency", "environment", "weights")
 SCALAR_KEYS = {"gpu", "python_version", "python_requirements", "cuda", "cudnn", "sdk_version", "image", "model",
                "predict", "train"}
-# SPDX identifiers of what an image carries: the code, and each weights component (README, "Licences").
+# SPDX identifiers of what an image carries: the code, and each weights component (docs/licences.md).
 CODE_LICENCE = "Apache-2.0"
 WEIGHT_LICENCES = {
     "stable-diffusion-v1-5": "CreativeML-OpenRAIL-M", "controlnet-untrained": "CreativeML-OpenRAIL-M",
     "annotators-hed": "Apache-2.0", "annotators-mlsd": "Apache-2.0", "annotators-midas": "MIT",
     "upernet-convnext-small": "MIT", "annotators-openpose": "LicenseRef-CMU-OpenPose-NonCommercial",
-    # lllyasviel/Annotators states no licence for these networks (README, "Licences"): said so, not guessed.
+    # lllyasviel/Annotators states no licence for these networks (docs/licences.md): said so, not guessed.
     "annotators-lineart": "LicenseRef-Annotators-Unstated",
     "annotators-softedge": "Apache-2.0 AND LicenseRef-Annotators-Unstated",
 }

@@ -35,7 +35,7 @@ WEIGHTS_MOUNT = "/weights"
 TIMEOUT_S = 600
 MAX_BODY_MB = 64  # cog_base/serving.py's default for CONTROLNET_MAX_BODY_MB
 ENDPOINT_DRAIN_S = 5  # for the Service to drop a stopping pod before it is asked whether it is busy
-STOP_S = 10  # SIGTERM stops Cog within this (README, "Stopping")
+STOP_S = 10  # SIGTERM stops Cog within this (docs/serving.md, "Stopping")
 
 # preStop of the Deployment's container: wait while Cog says BUSY (the running prediction finishes;
 # Cog alone would abandon it 5 s after SIGTERM), at most the longest prediction. Python, because the
@@ -117,7 +117,10 @@ def render(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("condition", choices=weights.IMAGES)
-    parser.add_argument("--image", help="image reference (default controlnet-<condition>)")
+    parser.add_argument("--image", help="the image reference your cluster pulls (make deploy's REF), e.g. "
+                        "registry.example/controlnet-canny:1")
+    parser.add_argument("--template", action="store_true",
+                        help="no image yet: write the manifests with the placeholder image controlnet-<condition>")
     parser.add_argument("--weights-claim", help="mount this PersistentVolumeClaim at /weights instead of baked weights")
     parser.add_argument("--node-selector", type=node_label, action="append", default=[],
                         help="KEY=VALUE a GPU node must carry (repeatable)")
@@ -126,12 +129,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=int, default=TIMEOUT_S, help=f"the longest prediction in seconds ({TIMEOUT_S})")
     parser.add_argument("--out", type=Path, help="output folder (default build/deploy/<condition>)")
     args = parser.parse_args(argv)
-    out = args.out or ROOT / "build" / "deploy" / args.condition
+    cond = args.condition
+    if not args.image and not args.template:
+        # A bare controlnet-<cond> is no reference a cluster can pull: say what to pass instead of writing it.
+        raise SystemExit(
+            f"make deploy: which image should the cluster run? Push it (make image COND={cond}, then docker push or "
+            f"cog push) and pass its reference: make deploy COND={cond} REF=<registry>/controlnet-{cond}:<tag> "
+            f"(or TEMPLATE=1 for manifests with the placeholder image controlnet-{cond}, to edit)")
+    out = args.out or ROOT / "build" / "deploy" / cond
     out.mkdir(parents=True, exist_ok=True)
-    files = render(args.condition, args.image, args.weights_claim, dict(args.node_selector), args.toleration, args.timeout)
+    files = render(cond, args.image, args.weights_claim, dict(args.node_selector), args.toleration, args.timeout)
     for name, docs in files.items():
         (out / name).write_text(yaml.safe_dump_all(docs, sort_keys=False))
         print(out / name)
+    if not args.image:
+        print(f"These are a template: their image is the placeholder controlnet-{cond}; set your pushed image's "
+              "reference in them (or run again with REF=...) before applying.")
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    print(f"Next, apply the one for your cluster:\n"
+          f"  kubectl apply -f {shown}/knative.yaml      # Knative Serving installed\n"
+          f"  kubectl apply -f {shown}/kserve.yaml       # KServe installed\n"
+          f"  kubectl apply -f {shown}/kubernetes.yaml   # neither: Deployment + Service + Ingress")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
 """`make image-test COND=x`: build the condition's real image with tiny weights, run it, predict, stop it.
 
 The smoke image is `make image`'s own staged context with `CONTROLNET_WEIGHTS=tiny`, tagged
-controlnet-<x>-smoke. With the cog CLI on PATH it is built by `cog build`; without it, by
+controlnet-<x>-smoke:<run>. With the cog CLI on PATH it is built by `cog build`; without it, by
 `docker build` from the Dockerfile the staging generates. Offline from any container registry:
 the base image is made here with debootstrap from the machine's Debian mirror, the packages come
 from a wheelhouse downloaded once from PyPI on the host and served to the build on 127.0.0.1. All
 traffic stays on loopback (`--network host` for the build, the container published on 127.0.0.1).
+
+Two runs side by side on one host both work: each has its own names (tag, container, staged context,
+debootstrap folder: `run_names`), its own free ports (the container's and the wheelhouse's), and a
+dockerd started by one run is stopped by the last run still using it (`EngineUsers`). The wheelhouse
+URL is in the pip layer's cache key, so the dependency image records the options it was built with
+(a label) and every later build passes the same ones: its pip layers come from the cache, with no
+wheelhouse served at all.
 
 The built image carries `cog build`'s labels (run.cog.config, run.cog.openapi_schema, ...), checked
 against the schema the running container serves. Installs what it needs (Debian's docker.io and
@@ -19,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fcntl
 import functools
 import hashlib
 import http.server
 import io
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -33,14 +42,17 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.build_image import DEPS_END, label_image
 from scripts.cog_config import ROOT, field
-from scripts.serve import port_number, port_problem, require_port
+from scripts.serve import port_number, require_port
 
 CACHE = Path(os.environ.get("CONTROLNET_COG_CACHE", Path.home() / ".cache" / "controlnet-cog")) / "image-test"
-WHEEL_PORT = 47311  # fixed: the pip layer's cache key includes the URL, so a random port would rebuild it
+# The dependency image's label holding the PIP_OPTIONS it was built with: the pip layers' cache key.
+PIP_OPTIONS_LABEL = "org.controlnet-cog.pip-options"
+BASE_ID_LABEL = "org.controlnet-cog.base-id"  # the base image it was built on
 BUILD_ENV = {**os.environ, "DOCKER_BUILDKIT": "0"}  # Debian's client has no buildx; the Dockerfile needs none
 STOP_LIMIT_S = 10.0
 
@@ -66,8 +78,96 @@ def apt_install(*packages: str) -> None:
     run("apt-get", "install", "-y", "-qq", *packages, env=env, stdout=subprocess.DEVNULL)
 
 
+@dataclass(frozen=True)
+class RunNames:
+    """What one run creates, named for that run alone, so that two runs (even of one condition) never
+    remove, overwrite or stage into each other's."""
+
+    token: str
+    tag: str
+    container: str
+    context: Path
+
+
+def run_names(condition: str, token: str | None = None) -> RunNames:
+    token = token or f"{os.getpid()}-{secrets.token_hex(3)}"
+    return RunNames(token, f"controlnet-{condition}-smoke:{token}", f"controlnet-{condition}-image-test-{token}",
+                    ROOT / "build" / f"image-test-{condition}-{token}")
+
+
+def scratch(prefix: str) -> Path:
+    """A folder of this run's own under the cache (the debootstrap root, a partial download)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=CACHE))
+
+
+class EngineUsers:
+    """The image-test runs using a dockerd that one of them started. Each run registers its pid; the run
+    that leaves last stops that dockerd (the one that started it may finish first, while another still
+    builds). A dockerd nobody here started (the host's own) is never stopped."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder or CACHE / "engine"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _locked(self):
+        lock = open(self.folder / ".lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return lock
+
+    def join(self, pid: int, started_daemon: int | None = None) -> None:
+        with self._locked():
+            (self.folder / f"user-{pid}").touch()
+            if started_daemon:
+                (self.folder / "dockerd.pid").write_text(str(started_daemon))
+
+    def leave(self, pid: int) -> int | None:
+        """Unregister; returns the dockerd to stop when no other live run uses it, else None."""
+        with self._locked():
+            (self.folder / f"user-{pid}").unlink(missing_ok=True)
+            alive = [user for user in self.folder.glob("user-*") if _alive(int(user.name.split("-", 1)[1]))]
+            owned = self.folder / "dockerd.pid"
+            if alive or not owned.exists():
+                return None
+            daemon = int(owned.read_text())
+            owned.unlink()
+            return daemon if _is_dockerd(daemon) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_dockerd(pid: int) -> bool:
+    """Still that dockerd (a pid can be reused once it exited)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return Path(argv0.decode(errors="replace")).name == "dockerd"
+
+
+def stop_daemon(pid: int) -> None:
+    os.kill(pid, 15)
+    for _ in range(300):
+        if not _alive(pid):
+            return
+        try:  # our own child: reap it, else it stays a zombie and looks alive
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+
+
 def ensure_engine() -> subprocess.Popen | None:
-    """A running Docker engine; returns the dockerd this run started (to stop it at the end)."""
+    """A running Docker engine; returns the dockerd this run started (EngineUsers stops it)."""
     if shutil.which("docker") and quiet("docker", "info"):
         return None
     if not shutil.which("dockerd"):
@@ -107,8 +207,7 @@ def ensure_base(python: str) -> str:
         return tag
     if not shutil.which("debootstrap"):
         apt_install("debootstrap")
-    rootfs = CACHE / "rootfs"
-    shutil.rmtree(rootfs, ignore_errors=True)
+    rootfs = scratch("rootfs-")
     log(f"making the base image {tag} with debootstrap (about a minute)")
     run("debootstrap", "--variant=minbase", f"--include=python{python},python3-pip,python-is-python3,tini,ca-certificates",
         "bookworm", str(rootfs), debian_mirror(), stdout=subprocess.DEVNULL)
@@ -127,19 +226,23 @@ def ensure_wheelhouse() -> Path:
     house = CACHE / f"wheelhouse-{requirements_key()}"
     if house.is_dir():
         return house
-    partial = house.with_name(house.name + ".partial")
+    partial = scratch(house.name + ".partial-")
     log(f"downloading the pinned wheels from PyPI into {house} (~3 GB, once)")
     # The machine-wide pip config may add a CPU-only torch from a local folder: ignore it.
     env = {**os.environ, "PIP_CONFIG_FILE": "/dev/null", "PIP_FIND_LINKS": ""}
     run(sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
         "-r", str(ROOT / "requirements.txt"), "-d", str(partial), env=env)
-    partial.rename(house)
+    try:
+        partial.rename(house)
+    except OSError:  # another run finished the same download first
+        shutil.rmtree(partial, ignore_errors=True)
     return house
 
 
 def serve_wheelhouse(house: Path) -> http.server.ThreadingHTTPServer:
+    """On a free port of 127.0.0.1 (server.server_address[1])."""
     handler = functools.partial(_QuietHandler, directory=str(house))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_PORT), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -149,25 +252,51 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def docker_build(context: Path, tag: str, base: str, dockerfile: str | None = None) -> None:
+def pip_options(port: int) -> str:
+    return f"--no-index --find-links http://127.0.0.1:{port}/"
+
+
+def docker_build(context: Path, tag: str, base: str, options: str, labels: dict | None = None) -> None:
     args = ["docker", "build", "-q", "--network", "host", "--build-arg", f"BASE_IMAGE={base}",
-            "--build-arg", f"PIP_OPTIONS=--no-index --find-links http://127.0.0.1:{WHEEL_PORT}/", "-t", tag]
-    if dockerfile:
-        args += ["-f", dockerfile]
+            "--build-arg", f"PIP_OPTIONS={options}", "-t", tag]
+    for key, value in (labels or {}).items():
+        args += ["--label", f"{key}={value}"]
     run(*args, str(context), env=BUILD_ENV, stdout=subprocess.DEVNULL)
 
 
+def _label(image: str, key: str) -> str | None:
+    inspected = subprocess.run(["docker", "image", "inspect", "-f", f'{{{{index .Config.Labels "{key}"}}}}', image],
+                               capture_output=True, text=True)
+    value = inspected.stdout.strip()
+    return value if inspected.returncode == 0 and value not in ("", "<no value>") else None
+
+
+def _image_id(image: str) -> str:
+    return subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", image], capture_output=True, text=True).stdout.strip()
+
+
 def ensure_deps(context: Path, base: str) -> str:
-    """The shared dependency layers, tagged so that removing a condition's image keeps them."""
+    """The shared dependency layers, tagged so that removing a condition's image keeps them; returns the
+    PIP_OPTIONS they were built with, which a build must pass again to take them from the cache. Rebuilt
+    when the base image changed since (a build on another base would miss the cache, and no wheelhouse
+    is served to it)."""
     tag = f"controlnet-cog-deps:{requirements_key()}"
-    with tempfile.TemporaryDirectory() as tmp:
-        head = (context / "Dockerfile").read_text().split(DEPS_END)[0]
-        (Path(tmp) / "Dockerfile").write_text(head)
-        shutil.copy2(context / "requirements.txt", Path(tmp) / "requirements.txt")
-        started = time.monotonic()
-        docker_build(Path(tmp), tag, base)
-        log(f"dependency layers {tag}: {time.monotonic() - started:.0f} s (cached after the first build)")
-    return tag
+    options, base_id = _label(tag, PIP_OPTIONS_LABEL), _image_id(base)
+    if options and _label(tag, BASE_ID_LABEL) == base_id:
+        return options
+    server = serve_wheelhouse(ensure_wheelhouse())
+    options = pip_options(server.server_address[1])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            head = (context / "Dockerfile").read_text().split(DEPS_END)[0]
+            (Path(tmp) / "Dockerfile").write_text(head)
+            shutil.copy2(context / "requirements.txt", Path(tmp) / "requirements.txt")
+            started = time.monotonic()
+            docker_build(Path(tmp), tag, base, options, labels={PIP_OPTIONS_LABEL: options, BASE_ID_LABEL: base_id})
+            log(f"dependency layers {tag}: {time.monotonic() - started:.0f} s (cached after the first build)")
+    finally:
+        server.shutdown()
+    return options
 
 
 def free_port() -> int:
@@ -267,16 +396,13 @@ def main(argv: list[str] | None = None) -> None:
     cond = args.condition
     if args.port:
         require_port(args.port, who="make image-test")
-    if port_problem(WHEEL_PORT):
-        raise SystemExit(f"make image-test: the wheelhouse's port {WHEEL_PORT} on 127.0.0.1 is in use (an image-test "
-                         "already running?); it is fixed because the pip layer's cache key holds the URL")
-    tag, container = f"controlnet-{cond}-smoke", f"controlnet-{cond}-image-test"
-    context = ROOT / "build" / f"image-test-{cond}"
+    names = run_names(cond)
+    tag, container, context = names.tag, names.container, names.context
     figures: dict[str, object] = {"condition": cond}
     daemon = ensure_engine()
-    server = None
+    users = EngineUsers()
+    users.join(os.getpid(), daemon.pid if daemon else None)
     try:
-        subprocess.run(["docker", "rm", "-f", container], capture_output=True)  # left over from an interrupted run
         run(sys.executable, "-m", "scripts.build_image", cond, "--weights", "tiny", "--stage-only",
             "--context", str(context), cwd=ROOT, stdout=subprocess.DEVNULL)
         started = time.monotonic()
@@ -286,10 +412,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             figures["path"] = "docker build (generated Dockerfile)"
             base = ensure_base(field(cond, "python_version"))
-            server = serve_wheelhouse(ensure_wheelhouse())
-            ensure_deps(context, base)
+            options = ensure_deps(context, base)
             started = time.monotonic()
-            docker_build(context, tag, base)
+            docker_build(context, tag, base, options)
             label_image(tag, cond, tiny=True, env=BUILD_ENV)
         figures["build_s"] = round(time.monotonic() - started, 1)
         figures["image_gb"] = round(int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", tag],
@@ -321,18 +446,19 @@ def main(argv: list[str] | None = None) -> None:
                 f"  cog predict {tag} -i image=@photo.png -i prompt='a house'   (with the cog CLI)\n"
                 f"  docker inspect {tag}   (its labels: run.cog.config, run.cog.openapi_schema, ...)\n"
                 f"  docker rmi {tag}       (remove it; the dependency layers stay cached)"
-                + ("\n  (dockerd was started by this run and is stopped now: start it again first)" if daemon else ""))
+                + ("\n  (dockerd was started by this run and is stopped at its end unless another image-test still uses "
+                   "it: start it again first)" if daemon else ""))
         else:
             subprocess.run(["docker", "rmi", tag], capture_output=True)
         shutil.rmtree(context, ignore_errors=True)
         if args.purge:
             subprocess.run(["docker", "rmi", f"controlnet-cog-deps:{requirements_key()}",
                             f"controlnet-cog-base:bookworm-py{field(cond, 'python_version')}"], capture_output=True)
-        if server:
-            server.shutdown()
-        if daemon:
-            daemon.terminate()
-            daemon.wait(timeout=30)
+        last = users.leave(os.getpid())
+        if last:
+            stop_daemon(last)
+        elif daemon:
+            log("dockerd started by this run stays up: another image-test is using it (the last one stops it)")
 
 
 if __name__ == "__main__":

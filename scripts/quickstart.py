@@ -16,6 +16,7 @@ from scripts.cog_config import ROOT
 from scripts.cog_server import CogServer
 from scripts.predict import encode_image, predict
 from scripts.serve import port_number, require_port
+from scripts.sizes import weights_gb
 
 
 def sample_image(path: Path) -> Path:
@@ -62,7 +63,8 @@ def main() -> None:
     if tiny:
         print(
             "\n" + "!" * 78 + "\n  These images came from TINY RANDOM-WEIGHT models: they are noise, by design.\n"
-            f"  For real images: make weights COND={args.cond}   (needs internet, 3-5 GB: README, Image sizes), then run this again.\n" + "!" * 78
+            f"  For real images: make weights COND={args.cond}   (needs internet, {weights_gb(args.cond)} GB), then run this again.\n"
+            + "!" * 78
         )
 
 

@@ -71,6 +71,52 @@ def test_a_busy_or_impossible_port_is_one_line_before_anything_starts():
     assert done.returncode == 2 and "Traceback" not in done.stderr and "not a port" in done.stderr
 
 
+def make_targets() -> list[str]:
+    return sorted(set(re.findall(r"^([a-z][\w-]*):", MAKEFILE, re.M)))
+
+
+def test_an_unknown_cond_is_one_line_listing_the_conditions_for_every_target():
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    targets = make_targets()
+    assert {"quickstart", "serve", "weights", "image", "image-test", "deploy", "fuzz"} <= set(targets)
+    for target in targets:
+        for cond in ("foo", "canny,foo"):
+            done = subprocess.run(["make", target, f"COND={cond}"], cwd=ROOT, capture_output=True, text=True, env=env,
+                                  timeout=60)
+            assert done.returncode != 0 and done.stdout == "", (target, done.stdout)
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"unknown COND={cond}" in lines[0], (target, done.stderr)
+            assert all(f" {c}" in lines[0] for c in weights.IMAGES), lines[0]
+    for cond in ("canny", "multi", "canny,seg"):  # known ones go through
+        assert subprocess.run(["make", "-n", "fuzz", f"COND={cond}"], cwd=ROOT, capture_output=True, env=env).returncode == 0
+
+
+def test_make_deploy_without_ref_says_what_to_pass_and_with_it_prints_the_next_step(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "REF", "TEMPLATE")}
+    out = f"ARGS=--out {tmp_path}"
+    refused = subprocess.run(["make", "-s", "deploy", "COND=hed", out], cwd=ROOT, capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "REF=<registry>/controlnet-hed:<tag>" in refused.stderr and "TEMPLATE=1" in refused.stderr
+    assert not any(tmp_path.iterdir())  # nothing a cluster could not pull was written
+    done = subprocess.run(["make", "-s", "deploy", "COND=hed", "REF=registry.example/controlnet-hed:1", out], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert "image: registry.example/controlnet-hed:1" in (tmp_path / "knative.yaml").read_text()
+    for name in ("knative", "kserve", "kubernetes"):
+        assert f"kubectl apply -f {tmp_path}/{name}.yaml" in done.stdout
+    template = subprocess.run(["make", "-s", "deploy", "COND=hed", "TEMPLATE=1", out], cwd=ROOT, capture_output=True,
+                              text=True, env=env, timeout=120, check=True)
+    assert "These are a template" in template.stdout and "kubectl apply" in template.stdout
+    assert "image: controlnet-hed\n" in (tmp_path / "knative.yaml").read_text()
+
+
+def test_the_readme_predict_example_sends_the_sample_image_make_sample_image_writes():
+    assert "make sample-image" in MAKEFILE and "--sample-only" in MAKEFILE
+    predicts = re.findall(r"^make predict .*$", README, re.M)
+    assert predicts and all("IMAGE=outputs/sample-input.png" in line for line in predicts), predicts
+    assert "IMAGE=photo.png" not in README
+
+
 # --- quiet output -------------------------------------------------------------------------------
 
 NOISE = ("mediapipe", "Overwriting tiny_vit", "timm.models.layers is deprecated", "timm.models.registry",

@@ -174,7 +174,7 @@ def test_cancel_ends_within_a_step_then_the_next_prediction_succeeds(servers, re
     path = f"/hook/{prediction_id}"
     assert post_async(server, LONG, receiver.url(path), prediction_id=prediction_id).status_code == 202
     receiver.wait_logs(path, "step 1/")  # progress before cancelling
-    # A second client while it runs: 409, written in the README.
+    # A second client while it runs: 409, written in docs/serving.md.
     busy = server.predict(QUICK, timeout=30)
     assert busy.status_code == 409
     # The same id again is idempotent: the running prediction, not a new one.

@@ -5,6 +5,7 @@ one image through the real Cog server (test_server.py checks the input is the sa
 import functools
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,14 +106,92 @@ def test_an_image_whose_weights_lack_the_11_model_serves_10_and_says_what_is_mis
         p.generate(image=upload, controlnet_version="1.1", **reference.FAST)
 
 
-def test_unpinned_components_are_skipped_by_make_weights_with_the_reason(tmp_path, capsys):
+# The revisions found for the last three 1.1 repos (../shared/notes/controlnet-11-multi-editing.md, "Pinned
+# revisions"), with the fp16 files' sha256 where a page showed it whole.
+PINNED_11 = {
+    "hough": ("control_v11p_sd15_mlsd", "f6d481b1e7346b5067de10288329e64cb4d39537",
+              "7ffedf5319792a7ae36209529170bea7bcb76a3cdd2390d35609ccf670814c2e"),
+    "scribble": ("control_v11p_sd15_scribble", "3564ec7b87dd706d5fc760d21c9e90bb160d1e9f", None),
+    "seg": ("control_v11p_sd15_seg", "210682041b41097834006a910b8773f423343900",
+            "23809d298edb48bf97ce95c6b8c4a69a749e57bf3838d866fbdc45f8fa11f6f4"),
+}
+FP16 = "diffusion_pytorch_model.fp16.safetensors"
+
+
+def test_every_versioned_image_has_its_11_controlnet_pinned_as_an_fp16_download():
+    for condition in VERSIONED:
+        name = weights.components(condition)["controlnet@1.1"]
+        spec = weights.MANIFEST["components"][name]
+        assert spec["revision"] and "unpinned" not in spec, condition
+        assert spec["files"] == ["config.json", FP16], condition
+    for condition, (name, revision, digest) in PINNED_11.items():
+        spec = weights.MANIFEST["components"][name]
+        assert (weights.components(condition)["controlnet@1.1"], spec["revision"]) == (name, revision)
+        assert spec.get("sha256", {}) == ({FP16: digest} if digest else {})
+
+
+@pytest.mark.parametrize("condition", sorted(PINNED_11))
+def test_make_weights_fetches_the_pinned_11_controlnet_and_checks_its_digest(condition, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
     from weights import download
 
-    unpinned = [n for n, spec in weights.MANIFEST["components"].items() if "unpinned" in spec]
-    assert all(weights.MANIFEST["components"][n]["revision"] is None for n in unpinned)
-    for name in unpinned:
-        download.download_component(name, tmp_path / name)  # no network touched: refused before
-        assert "NOT downloaded" in capsys.readouterr().out and not (tmp_path / name).exists()
+    name, revision, digest = PINNED_11[condition]
+    calls = []
+
+    def snapshot_download(repo_id, revision, allow_patterns, local_dir):
+        calls.append((repo_id, revision, allow_patterns))
+        for rel in allow_patterns:
+            (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(local_dir) / rel).write_bytes(b"not the real bytes")
+        return str(local_dir)
+
+    monkeypatch.setenv("CONTROLNET_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(download, "check_reachable", lambda url, what: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for other in weights.components(condition).values():  # everything but the 1.1 ControlNet is there already
+        if other != name:
+            (tmp_path / other).mkdir(exist_ok=True)
+            weights.write_marker(tmp_path / other, revision=weights.revision(other),
+                                 files=weights.MANIFEST["components"][other].get("files"))
+    if digest:  # other bytes than the pinned file's: refused, and the folder is not marked complete
+        with pytest.raises(SystemExit, match=f"{FP16} .*do not have the manifest's sha256"):
+            download.main([condition])
+        assert weights.marker(tmp_path / name) is None
+    else:
+        download.main([condition])
+        assert weights.is_complete(tmp_path / name, name, tiny=False)
+    assert calls == [(f"lllyasviel/{name}", revision, ["config.json", FP16])]
+    assert "NOT downloaded" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("condition", sorted(PINNED_11))
+def test_the_newly_pinned_images_serve_11_with_its_own_controlnet(condition, upload):
+    """Apart from the parity fixture (which pins the 1.0 outputs of one CPU): a 1.1 request loads and runs the
+    1.1 ControlNet, stored as the fp16 file its pinned download is."""
+    p = predictor(condition)
+    folder = p.weights.folders["controlnet@1.1"]
+    assert folder.name == PINNED_11[condition][0] and (folder / FP16).is_file()
+    with reference.one_thread():
+        older = [reference.pixel_hash(f) for f in p.generate(image=upload, controlnet_version="1.0", **reference.FAST)]
+        newer = [reference.pixel_hash(f) for f in p.generate(image=upload, controlnet_version="1.1", **reference.FAST)]
+    assert folder in p.runner.controlnets.loaded and newer[1:] != older[1:]
+
+
+def test_a_component_without_a_pinned_revision_is_skipped_by_make_weights_with_the_reason(tmp_path, monkeypatch, capsys):
+    from weights import download
+
+    name = "control_v11p_sd15_scribble"
+    monkeypatch.setitem(weights.MANIFEST["components"], name,
+                        {**weights.MANIFEST["components"][name], "revision": None, "unpinned": "no commit found"})
+    download.download_component(name, tmp_path / name)  # no network touched: refused before
+    assert "NOT downloaded" in capsys.readouterr().out and not (tmp_path / name).exists()
+
+
+def test_the_11_tiny_controlnets_have_the_downloads_layout():
+    for condition in VERSIONED:
+        folder = weights.locate(condition, prefer="tiny").folders["controlnet@1.1"]
+        assert (folder / FP16).is_file() and not (folder / "diffusion_pytorch_model.safetensors").exists(), condition
 
 
 # -- the detectors 1.1 adds ---------------------------------------------------------------------------
