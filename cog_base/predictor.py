@@ -286,10 +286,20 @@ class ControlNetPredictor(BasePredictor):
         if found is None:
             raise ValueError(
                 f"{VERSION_INPUT} {ask.version} is not available on this server: its weights lack the {ask.condition} "
-                f"ControlNet {ask.version} (the operator runs `make weights COND={self.condition}`). Send "
+                f"ControlNet {ask.version} ({self._missing_version_fix(ask.condition, ask.version)}). Send "
                 f"{VERSION_INPUT} {DEFAULT_VERSION}"
             )
         return found
+
+    def _missing_version_fix(self, condition: str, version: str) -> str:
+        """What the operator does to serve `version`: `make weights` fetches only a component pinned to a
+        commit, and says it skipped the others."""
+        name = weights.components(condition).get(f"controlnet{weights.VERSION_MARK}{version}")
+        if name is None or weights.revision(name) is not None:
+            return f"the operator runs `make weights COND={self.condition}`"
+        repo = weights.MANIFEST["components"][name]["repo"]
+        return (f"the operator pins a commit of {repo} as its revision in weights/manifest.json, then runs "
+                f"`make weights COND={self.condition}`, which skips it while none is pinned")
 
     def warm_up_inputs(self, image: Path) -> dict[str, Any]:
         """The inputs of a warm-up request besides its size, for this image's signature."""
