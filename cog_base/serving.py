@@ -8,20 +8,23 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 - a guard in front of the app: a body that is not `{"input": {...}}` gets 422 with what to send
   (Cog answers `{}`, `null` and `{"input": null}` with 500 from an unhandled ValidationError in
   `_predict`), and so does a NaN, Infinity or 1e999 anywhere in a body (Python's JSON takes them; Cog
-  answered 500) and a string with a lone UTF-16 surrogate (not text: the same 500); bodies over a
-  bound get 413; `POST /shutdown` is refused unless the client is on
+  answered 500), a string with a lone UTF-16 surrogate (not text: the same 500) and a body nested
+  over 32 levels (a 2 KB body 1,000 deep hit the parser's recursion limit: 500); bodies over a bound
+  get 413; with CONTROLNET_BLOCK_PRIVATE_URLS on, a `webhook` whose host is or resolves to a private
+  address gets 422 (Cog sent it every event); `POST /shutdown` is refused unless the client is on
   loopback (Cog lets anyone who reaches the port stop the server); `POST /trainings/{id}/cancel`
   is answered by the predictions' cancel route, which runs the same `runner.cancel` (Cog's training
   route calls the async cancel handler without awaiting it: every training cancel was a 500 and
   cancelled nothing);
 - image URLs (and a train-mode server's training archive URLs, with their own bounds) are fetched
   with a byte bound and one wall-clock deadline, every redirect checked, the optional
-  private-address block of models.urls, stopped at once by a cancel, and no 0-byte temp file left
-  after a failure (`URLPath.convert` copies an unbounded stream into a temp file it never removes
+  private-address block of models.urls, stopped at once by a cancel, each error naming its input
+  (`init_image: ...`), and no 0-byte temp file left after a failure (`URLPath.convert` copies an unbounded stream into a temp file it never removes
   on error); a stop removes the input folders in flight;
 - webhooks are sent from a per-prediction thread with timeouts and two retries at most: Cog sends
   them on its event loop with no timeout and retries the final one for ~320 s, during which the
-  prediction cannot finish and every other client gets 409;
+  prediction cannot finish and every other client gets 409; under the private-address switch each
+  send checks the URL again and follows no redirect;
 - an async prediction on a server started without `--upload-url` returns its files as data: URIs,
   as a sync one does (Cog put the server's own temp-file paths in the webhook: useless to the client,
   and a leak of server paths); a sync one keeps Cog's own path (files encoded once, after the answer
@@ -54,6 +57,7 @@ Every fix is tested through the real server (tests/test_serving.py), the log lin
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import binascii
 import io
@@ -142,6 +146,8 @@ def _parsed_body(raw: bytes):
         # answered them with 500 when it encoded its reply. A finite number parses as json.loads parses
         # it, so a body with none of them is json.loads(raw) exactly, and FastAPI is handed it.
         body = json.loads(raw, parse_constant=_NonFinite, parse_float=_finite_float) if raw.strip() else None
+    except RecursionError:  # Python's JSON parser recurses once per level: a 2 KB body reached its limit (500)
+        return None, DEEP_BODY
     except ValueError:
         return None, "the body is not valid JSON; send {\"input\": {...}}"
     if not isinstance(body, dict):
@@ -152,10 +158,20 @@ def _parsed_body(raw: bytes):
     return (None, problem) if problem else (body, None)
 
 
-def _bad_value_at(value, path: str = "") -> str | None:
-    """What to fix about the first value Cog cannot take: a NaN, Infinity or out-of-range number, or
-    a string (value or key) holding a lone UTF-16 surrogate (JSON's "\\ud83c" without its pair): no
-    text, so the tokenizer raised on it and the answer echoing it could not be encoded (500)."""
+# No input needs more than a list in an object in the body's object; every walk over a body (this
+# guard's, pydantic's, the encoders of Cog's answer) recurses once per level.
+MAX_BODY_DEPTH = 32
+DEEP_BODY = (f"the body is nested more than {MAX_BODY_DEPTH} levels deep; send {{\"input\": {{...}}}} with strings, "
+             "numbers, booleans or lists of them as values")
+
+
+def _bad_value_at(value, path: str = "", depth: int = 0) -> str | None:
+    """What to fix about the first value Cog cannot take: a NaN, Infinity or out-of-range number, a
+    string (value or key) holding a lone UTF-16 surrogate (JSON's "\\ud83c" without its pair): no
+    text, so the tokenizer raised on it and the answer echoing it could not be encoded (500); or
+    nesting deeper than MAX_BODY_DEPTH."""
+    if depth > MAX_BODY_DEPTH:
+        return DEEP_BODY
     if isinstance(value, _NonFinite):
         return f"{path} is {value}, not a finite number; send a finite number"
     if isinstance(value, str):
@@ -170,7 +186,7 @@ def _bad_value_at(value, path: str = "") -> str | None:
         if surrogate is not None:
             return (f"a name in {path or 'the body'} holds a lone surrogate ({surrogate}), which is not text; "
                     "send valid Unicode")
-        found = _bad_value_at(item, where)
+        found = _bad_value_at(item, where, depth + 1)
         if found:
             return found
     return None
@@ -228,11 +244,34 @@ class Guard:
                 return await _reply(send, *_json_response(
                     413, f"the body is over {MAX_BODY_BYTES // 2**20} MiB; send large images as URLs"))
             body, problem = _parsed_body(raw)
+            where = ["body"]
+            if not problem and isinstance(body.get("webhook"), str):
+                # Resolving the name blocks: off the event loop, which serves every other client.
+                problem = await asyncio.get_running_loop().run_in_executor(None, _webhook_problem, body["webhook"])
+                where = ["body", "webhook"]
             if problem:
-                detail = [{"loc": ["body"], "msg": problem, "type": "value_error"}]
+                detail = [{"loc": where, "msg": problem, "type": "value_error"}]
                 return await _reply(send, *_json_response(422, detail))
             return await self.app({**scope, PARSED_BODY: body}, _replay(raw), send)
         return await self.app(scope, receive, send)
+
+
+WEBHOOK_REFUSED = ("to which this server sends no webhooks (CONTROLNET_BLOCK_PRIVATE_URLS is on); use a "
+                   "public URL, or leave webhook out and wait for the answer (a synchronous request)")
+
+
+def _webhook_problem(url: str) -> str | None:
+    """Why the server will not send webhooks to `url`, under the private-address switch (off: None):
+    the webhook is a request the server makes, to an address the client picks, as an image URL is."""
+    from models.urls import URLError, block_private, check_url
+
+    if not block_private():
+        return None
+    try:
+        check_url(url, "webhook", refused=WEBHOOK_REFUSED)
+    except URLError as exc:
+        return str(exc)
+    return None
 
 
 def _with_path(scope, path: str):
@@ -444,7 +483,10 @@ def _patch_url_inputs() -> None:
                         shutil.copyfileobj(self.fileobj, out)
                 else:
                     # At request time: Cog hides sys.argv while it imports the predictor (hence this module).
-                    what, max_bytes, timeout_s = URL_INPUTS.get(_cog_mode(), URL_INPUTS["predict"])
+                    mode = _cog_mode()
+                    what, max_bytes, timeout_s = URL_INPUTS.get(mode, URL_INPUTS["predict"])
+                    # A prediction's error names the input, as its decode errors do (init_image: ...).
+                    what = (getattr(self, "input_name", None) if mode == "predict" else None) or what
                     download(self.source, dest, what, max_bytes, timeout_s, abort=cancel.current_stop())
             except URLError as exc:
                 _remove_input_dir(dest.parent)
@@ -558,6 +600,7 @@ def _webhook_sender(url: str, events_filter, cog_webhook):
     from urllib3.util.retry import Retry
 
     from cog.schema import Status
+    from models.urls import block_private
 
     throttler = cog_webhook.ResponseThrottler(response_interval=cog_webhook._response_interval)
     session = cog_webhook.requests_session()  # Cog's headers: user agent, trace context, auth token
@@ -576,11 +619,21 @@ def _webhook_sender(url: str, events_filter, cog_webhook):
             payload, terminal = outbox.get()
             if terminal:
                 settled.wait(SETTLE_TIMEOUT_S)
+            # Checked at creation (the guard) and again before each send, since a name may resolve
+            # elsewhere by now; a redirect is never followed under the switch (it could point anywhere).
+            problem = _webhook_problem(url)
             try:
-                # orjson: the final webhook of an async answer carries its files as data: URIs, which
-                # requests' json.dumps scans character by character (~50 ms at 4 samples of 1024x768).
-                (retrying if terminal else session).post(url, data=_json_bytes(payload), timeout=WEBHOOK_TIMEOUT,
-                                                         headers={"Content-Type": "application/json"})
+                if problem:
+                    print(f"controlnet-cog: webhook not sent: {problem}", file=sys.stderr, flush=True)
+                else:
+                    # orjson: the final webhook of an async answer carries its files as data: URIs, which
+                    # requests' json.dumps scans character by character (~50 ms at 4 samples of 1024x768).
+                    response = (retrying if terminal else session).post(
+                        url, data=_json_bytes(payload), timeout=WEBHOOK_TIMEOUT,
+                        headers={"Content-Type": "application/json"}, allow_redirects=not block_private())
+                    if response.is_redirect:
+                        print(f"controlnet-cog: webhook to {url.split('?')[0]} answered a redirect, not followed "
+                              "(CONTROLNET_BLOCK_PRIVATE_URLS is on)", file=sys.stderr, flush=True)
             except requests.RequestException as exc:
                 print(f"controlnet-cog: webhook to {url.split('?')[0]} failed ({type(exc).__name__}); the prediction "
                       "is unaffected", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@ idempotent PUT, 409 while busy, uploads, malformed bodies, webhooks that fail, i
 the private-address switch, who may stop the server, and clean stops."""
 
 import base64
+import ipaddress
 import os
 import re
 import signal
@@ -311,3 +312,133 @@ def test_a_stop_signal_ends_the_server_within_10_s_and_frees_its_port(tmp_path, 
         assert port_free(server.port)
     finally:
         server.stop()
+
+
+# -- hardening, round four (issue 29) ----------------------------------------------------------------
+
+def test_webhooks_obey_the_private_address_switch(special, receiver):
+    """With the switch on, a webhook to a loopback or link-local address (or a name resolving to one) is
+    refused when the prediction is created, and the receiver gets nothing; with it off webhooks go out."""
+    main, guarded = special
+    link_local = str(ipaddress.ip_address((169 << 24) + (254 << 16) + 7))  # built here: never a literal
+    path = f"/hook/{uuid.uuid4().hex}"
+    for webhook in (receiver.url(path), f"http://localhost:{receiver.port}{path}", f"http://{link_local}{path}"):
+        for response in (
+            post_async(guarded, QUICK, webhook),
+            post_async(guarded, QUICK, webhook, prediction_id=uuid.uuid4().hex),
+            requests.post(f"{guarded.url}/predictions", json={"input": QUICK, "webhook": webhook}, timeout=60),
+        ):
+            assert response.status_code == 422, response.text[:300]
+            detail = response.json()["detail"][0]
+            assert detail["loc"] == ["body", "webhook"] and "sends no webhooks" in detail["msg"], detail
+    wait_idle(guarded)
+    time.sleep(1)
+    assert receiver.for_prediction(path) == []
+    # Off (the default), webhooks still reach a loopback receiver.
+    post_async(main, QUICK, receiver.url(path))
+    assert receiver.wait_final(path)[-1]["status"] == "succeeded"
+    wait_idle(main)
+
+
+def test_a_webhook_redirect_is_not_followed_under_the_switch(monkeypatch):
+    """A webhook whose host passed the check but answers with a redirect (to anywhere: a private address
+    too) is not followed with the switch on; the check runs again before every send."""
+    import http.server
+
+    from cog.server import webhook as cog_webhook
+
+    from cog_base import serving
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            hits.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(307 if self.path == "/public" else 200)
+            self.send_header("Location", "/private")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    real = serving._webhook_problem
+    # "/public" stands for a public host (the test may send only to loopback): the check passes it.
+    monkeypatch.setattr(serving, "_webhook_problem", lambda url: None if url.endswith("/public") else real(url))
+    try:
+        for switch, expected in (("1", ["/public"]), ("", ["/public", "/private"])):
+            monkeypatch.setenv("CONTROLNET_BLOCK_PRIVATE_URLS", switch)
+            hits.clear()
+            from cog.schema import PredictionResponse, Status, WebhookEvent
+
+            caller = serving._webhook_sender(base + "/public", {WebhookEvent.COMPLETED}, cog_webhook)
+            caller.settled.set()
+            caller(PredictionResponse(input={}, status=Status.SUCCEEDED), WebhookEvent.COMPLETED)
+            deadline = time.monotonic() + 10
+            while len(hits) < len(expected) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert hits == expected
+        # Checked again at send time: a URL refused now (e.g. its name resolves elsewhere) gets nothing.
+        monkeypatch.setenv("CONTROLNET_BLOCK_PRIVATE_URLS", "1")
+        hits.clear()
+        caller = serving._webhook_sender(base + "/other", {WebhookEvent.COMPLETED}, cog_webhook)
+        caller.settled.set()
+        caller(PredictionResponse(input={}, status=Status.SUCCEEDED), WebhookEvent.COMPLETED)
+        time.sleep(1)
+        assert hits == []
+    finally:
+        httpd.shutdown()
+
+
+DEEP = "[" * 1000 + "]" * 1000  # ~2 KB, past Python's recursion limit in its JSON parser
+
+
+@pytest.mark.parametrize("raw", [
+    '{"input": {"image": "x", "prompt": %s}}' % DEEP, DEEP, '{"input": {"prompt": %s}}' % ("[" * 40 + "]" * 40),
+    '{"input": {"prompt": "a"}, "webhook": %s}' % DEEP,
+])
+def test_a_deeply_nested_body_gets_422_on_every_route(special, raw):
+    main, _ = special
+    headers = {"content-type": "application/json"}
+    for method, route in (("post", "/predictions"), ("put", f"/predictions/x{uuid.uuid4().hex}"),
+                          ("post", "/trainings"), ("put", f"/trainings/x{uuid.uuid4().hex}")):
+        response = getattr(requests, method)(f"{main.url}{route}", data=raw, headers=headers, timeout=30)
+        assert response.status_code == 422, (route, response.text[:300])
+        assert "nested more than 32 levels" in response.json()["detail"][0]["msg"]
+    for route in ("/predictions/unknown/cancel", "/trainings/unknown/cancel", "/shutdown"):
+        response = requests.post(f"{main.url}{route}", data=raw, headers=headers, timeout=30)
+        assert 400 <= response.status_code < 500, (route, response.status_code)
+    assert main.health() == "READY"
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/missing.png", "answered HTTP 404"), ("/hang.png", "did not answer in time"), ("/trickle.png", "took over 3s"),
+])
+@pytest.mark.parametrize("name", ["init_image", "mask_image"])
+def test_a_download_error_names_its_input(special, receiver, name, path, message):
+    main, _ = special
+    body = main.predict({**QUICK, name: receiver.url(path)}).json()
+    assert body["status"] == "failed" and body["error"].startswith(f"{name}: ") and message in body["error"], body["error"]
+    wait_idle(main)
+
+
+def test_a_refused_address_names_its_input(special, receiver):
+    _, guarded = special
+    body = guarded.predict({**QUICK, "init_image": receiver.url("/house.png")}).json()
+    assert body["status"] == "failed" and body["error"].startswith("init_image: 127.0.0.1 is a private"), body["error"]
+    body = guarded.predict({**QUICK, "image": receiver.url("/house.png")}).json()
+    assert body["error"].startswith("image: 127.0.0.1 is a private"), body["error"]
+
+
+def test_a_multi_units_download_error_names_its_input(servers, receiver):
+    inputs = {"prompt": "a house", "image_resolution": "256", "ddim_steps": 1, "controlnet_1": "canny",
+              "controlnet_1_image": IMAGE, "controlnet_2": "canny", "controlnet_2_image": receiver.url("/missing.png")}
+    body = servers["multi"].predict(inputs).json()
+    assert body["status"] == "failed" and body["error"].startswith("controlnet_2_image: "), body["error"]
+    assert "answered HTTP 404" in body["error"]
+
