@@ -114,6 +114,7 @@ def install() -> None:
         cancel.install_http()
     _patch_path_validation()
     _patch_worker_tracebacks()
+    _route_library_warnings()
     cancel.install_worker()
 
 
@@ -692,16 +693,60 @@ def _patch_worker_tracebacks() -> None:
     cog_worker.traceback = shim
 
 
+def _route_library_warnings() -> None:
+    """A warning raised during a prediction (diffusers' FutureWarning on img2img with several samples)
+    goes to the server's log only: Python's warning line names the library's file on the server
+    (site-packages) and its source line, and the operator is the one who can act on it. Pillow's
+    warnings about an upload are the client's matter: models.image catches them first and prints one
+    `Note:` line. Outside Cog's worker (tests, scripts) warnings show as usual."""
+    import multiprocessing
+    import warnings
+
+    shown = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        # Only in Cog's prediction worker (a child process): elsewhere nothing captures stderr for a client.
+        stream = None if file is not None or multiprocessing.parent_process() is None else _server_stream()
+        if stream is None:
+            return shown(message, category, filename, lineno, file, line)
+        try:
+            stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    warnings.showwarning = showwarning
+
+
+def server_log(line: str) -> None:
+    """A line for the operator: in Cog's prediction worker the server's log only (stdout and stderr are a
+    client's prediction logs there), elsewhere stderr."""
+    import multiprocessing
+
+    stream = _server_stream() if multiprocessing.parent_process() is not None else None
+    print(line, file=stream or sys.stderr, flush=True)
+
+
+_server_fp = None
+
+
 def _server_stream():
     """The worker's original stderr, which Cog's stream redirector keeps beside the captured one:
     what is written there reaches the server's log but not the prediction's logs."""
     import gc
 
-    from cog.server.helpers import StreamRedirector
+    global _server_fp
+    if _server_fp is not None and not _server_fp.closed:  # the redirector lives as long as the worker
+        return _server_fp
+    try:
+        from cog.server.helpers import StreamRedirector
+    except ImportError:
+        return None
 
     for obj in gc.get_objects():
         if isinstance(obj, StreamRedirector):
             for wrapped in getattr(obj, "_streams", []):
                 if wrapped.name == "<stderr>":
-                    return getattr(wrapped, "_original_fp", None)
+                    _server_fp = getattr(wrapped, "_original_fp", None)
+                    return _server_fp
     return None

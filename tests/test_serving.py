@@ -442,3 +442,23 @@ def test_a_multi_units_download_error_names_its_input(servers, receiver):
     assert body["status"] == "failed" and body["error"].startswith("controlnet_2_image: "), body["error"]
     assert "answered HTTP 404" in body["error"]
 
+
+def test_library_warnings_stay_out_of_a_clients_logs(special, servers):
+    """diffusers warns (a FutureWarning naming its file under site-packages) on img2img with several
+    samples: the operator's matter, in the server's log; the client's logs name no server path."""
+    from PIL import Image
+
+    main, _ = special
+    mask = "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("L", (320, 256), 255))).decode()
+    edits = [{"init_image": IMAGE}, {"mask_image": mask}, {"init_image": IMAGE, "mask_image": mask}]
+    multi = {"prompt": "a house", "image_resolution": "256", "ddim_steps": 2, "seed": 3, "controlnet_1": "canny",
+             "controlnet_1_image": IMAGE, "controlnet_2": "canny", "controlnet_2_image": IMAGE}
+    for server, inputs in [(main, {**QUICK, **edit}) for edit in edits] + [(servers["multi"], {**multi, **edit})
+                                                                            for edit in edits]:
+        body = server.predict({**inputs, "num_samples": "4"}).json()
+        assert body["status"] == "succeeded", body.get("error")
+        logs = body["logs"]
+        assert "site-packages" not in logs and "Warning" not in logs and ".py" not in logs, logs
+        assert not re.search(r"(^|[\s'\"(])/[\w.-]+/", logs), logs  # no absolute path
+    assert "FutureWarning" in main.log()  # the operator still sees it
+
