@@ -522,7 +522,7 @@ class ControlNetPredictor(BasePredictor):
         """The edit's photo and mask decoded and sized by the request's size plan (models.image.plan_edit);
         None from noise. preprocess_only generates nothing: the edit inputs are ignored, but for a map made
         from the mask (map_takes_mask)."""
-        from models.image import InputImageError, load_mask, load_rgb, plan_edit
+        from models.image import InputImageError, check_aspect, load_mask, load_rgb, plan_edit
 
         specs = self.condition_specs()
         map_mask = request.mask_image is not None and any(specs[u.condition].map_takes_mask for u in request.units)
@@ -538,8 +538,13 @@ class ControlNetPredictor(BasePredictor):
             photo = images[0] if source is request.units[0].image or request.preprocess_only else load_rgb(source)
         except InputImageError as exc:
             raise InputImageError(f"{name}: {exc}") from None
+        # The bound `image` has (4:1): the photo and the mask are centre-cropped to the image's aspect, so
+        # one more extreme would lose most of itself to the crop, and the edit would show little of it.
+        check_aspect(*photo.shape[:2], name)
         try:
             mask = load_mask(request.mask_image) if request.mask_image is not None else None
+            if mask is not None:
+                check_aspect(*mask.shape[:2], "mask_image")
             plan = plan_edit(photo, size, images[0].shape[:2], mask, request.mask_blur)
         except InputImageError as exc:
             text = str(exc)

@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import binascii
+import contextvars
 import io
 import ipaddress
 import json
@@ -76,6 +77,7 @@ import threading
 import time
 import traceback
 import types
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -203,6 +205,20 @@ def _lone_surrogate(text: str) -> str | None:
     return None
 
 
+# The input names of the request being created that the image does not have (the guard sets it, the
+# prediction's first log line says it: PredictTask is created in the same task).
+_UNKNOWN_INPUTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("unknown_inputs", default=())
+UNKNOWN_SHOWN = 10  # names listed at most; each cut to 64 characters
+
+
+def unknown_inputs_note(names: tuple[str, ...]) -> str:
+    shown = [name if len(name) <= 64 else name[:61] + "..." for name in names[:UNKNOWN_SHOWN]]
+    shown = [name if name.isprintable() else ascii(name) for name in shown]  # no line of its own making
+    more = f" and {len(names) - UNKNOWN_SHOWN} more" if len(names) > UNKNOWN_SHOWN else ""
+    return (f"Note: ignored input(s) this image does not have: {', '.join(shown)}{more} (its inputs are listed in "
+            "GET /openapi.json)\n")
+
+
 # The scope key under which the guard hands FastAPI the body it parsed (Starlette's Request.json).
 PARSED_BODY = "controlnet_cog.parsed_body"
 
@@ -222,11 +238,16 @@ def _patch_request_json() -> None:
     Request.json = parsed_json
 
 
+STOPPED = ("the server stopped before this prediction finished, and the prediction with it; send it again (to "
+           "another replica, or once this server is back)")
+
+
 class Guard:
     """ASGI middleware in front of Cog's FastAPI app."""
 
     def __init__(self, app):
         self.app = app
+        self._names: dict[str, frozenset[str]] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -253,8 +274,38 @@ class Guard:
             if problem:
                 detail = [{"loc": where, "msg": problem, "type": "value_error"}]
                 return await _reply(send, *_json_response(422, detail))
-            return await self.app({**scope, PARSED_BODY: body}, _replay(raw), send)
+            # Cog drops inputs its schema lacks without a word; real clients send names these models never
+            # had (num_inference_steps, guidance_scale), so they are not refused: the logs say so.
+            known = self._input_names("TrainingInput" if path.startswith("/trainings") else "Input")
+            token = _UNKNOWN_INPUTS.set(tuple(sorted(set(body["input"]) - known)) if known else ())
+            started = False
+
+            async def tracked(message):
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                return await self.app({**scope, PARSED_BODY: body}, _replay(raw), tracked)
+            except asyncio.CancelledError:
+                # A stop cancels a request still open after STOP_GRACE_S (a sync prediction); uvicorn then
+                # answered a bare "Internal Server Error". Say what happened, and that it may be sent again.
+                if started:
+                    raise
+                return await _reply(send, *_json_response(503, STOPPED))
+            finally:
+                _UNKNOWN_INPUTS.reset(token)
         return await self.app(scope, receive, send)
+
+    def _input_names(self, schema: str) -> frozenset[str]:
+        """The input names of Cog's schema `schema` (Input or TrainingInput); empty when it has none."""
+        if schema not in self._names:
+            try:
+                properties = self.app.openapi()["components"]["schemas"][schema]["properties"]
+            except (AttributeError, KeyError, TypeError):
+                properties = {}
+            self._names[schema] = frozenset(properties)
+        return self._names[schema]
 
 
 WEBHOOK_REFUSED = ("to which this server sends no webhooks (CONTROLNET_BLOCK_PRIVATE_URLS is on); use a "
@@ -453,9 +504,31 @@ def _decode_data_uri(uri: str) -> tuple[str, bytes]:
     the whole payload through unquote_to_bytes (3.3 ms instead of 5.0 for a 0.6 MB image)."""
     match = _BASE64_URI.match(uri)
     if match and "%" not in uri:
-        return (match.group(1) or "text/plain").lower(), binascii.a2b_base64(uri[match.end():])
+        payload = uri[match.end():]
+        try:  # the usual payload, checked while decoded (no separate scan of a 0.8 MB string)
+            data = binascii.a2b_base64(payload, strict_mode=True)
+        except binascii.Error:  # whitespace (line-wrapped base64), odd padding, or a character that is not base64
+            _check_base64(payload)
+            data = binascii.a2b_base64(payload)
+        return (match.group(1) or "text/plain").lower(), data
+    if match:
+        _check_base64(urllib.parse.unquote(uri[match.end():]))
     with urllib.request.urlopen(uri) as decoded:  # noqa: S310  data: only (the caller's check)
         return decoded.headers.get_content_type(), decoded.read()
+
+
+# What base64 may hold: its alphabet, padding, and whitespace (line-wrapped output, as `base64` writes).
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=\s]")
+
+
+def _check_base64(payload: str) -> None:
+    """A character outside base64's alphabet was skipped silently (binascii's lenient decoding), so a
+    URL-safe (-, _) or damaged payload became other bytes and a confusing decode error later."""
+    bad = _NOT_BASE64.search(payload)
+    if bad:
+        raise ValueError(
+            f"the data: URI's base64 holds {ascii(bad.group())} at character {bad.start()} of its data, which is not "
+            "base64; send standard base64 (A-Z, a-z, 0-9, +, /, = padding)")
 
 
 def _cog_mode() -> str:
@@ -555,6 +628,9 @@ def _patch_tasks() -> None:
             # (it decoded each data: URI twice) and which Cog's answer path encodes once.
             self._file_uploader = lambda output: upload_files(output, upload_file=upload_file)
         self._p.input = _short_echo(self._p.input)
+        unknown = _UNKNOWN_INPUTS.get()
+        if unknown:
+            self._p.logs = unknown_inputs_note(unknown) + (self._p.logs or "")
 
     track = cog_runner.PredictTask.track
 

@@ -462,3 +462,56 @@ def test_library_warnings_stay_out_of_a_clients_logs(special, servers):
         assert not re.search(r"(^|[\s'\"(])/[\w.-]+/", logs), logs  # no absolute path
     assert "FutureWarning" in main.log()  # the operator still sees it
 
+
+def test_an_unknown_input_name_is_ignored_with_a_note(special):
+    """Real clients send names these models never had (num_inference_steps, guidance_scale): still served,
+    as Cog and Replicate serve them, and the logs say which names were ignored."""
+    main, _ = special
+    body = main.predict({**QUICK, "ddim_steps": 1, "num_inference_steps": 30, "guidance_scale": 7.5}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert body["logs"].startswith("Note: ignored input(s) this image does not have: guidance_scale, "
+                                   "num_inference_steps (its inputs are listed in GET /openapi.json)\n"), body["logs"][:300]
+    body = main.predict({**QUICK, "ddim_steps": 1}).json()
+    assert body["status"] == "succeeded" and "ignored input" not in body["logs"]
+
+
+def test_a_data_uri_with_characters_outside_base64_gets_422(special):
+    """binascii skipped them silently: a URL-safe or damaged payload became other bytes."""
+    main, _ = special
+    payload = IMAGE.split(",", 1)[1]
+    for bad in (payload[:100] + "-_" + payload[100:], payload[:100] + "%2D" + payload[100:]):
+        response = main.predict({**QUICK, "image": "data:image/png;base64," + bad})
+        assert response.status_code == 422, response.text[:300]
+        # Cog's schema is a union (a Path instance, or what its validator makes of a string): one error each.
+        said = [d for d in response.json()["detail"] if "'-' at character 100 of its data, which is not base64" in d["msg"]]
+        assert said and said[0]["loc"][:3] == ["body", "input", "image"], response.text[:500]
+    # Line-wrapped base64 (as the `base64` tool writes it) is base64, and taken.
+    wrapped = "data:image/png;base64," + base64.encodebytes(png_bytes(drawing())).decode()
+    body = main.predict({**QUICK, "image": wrapped, "ddim_steps": 1}).json()
+    assert body["status"] == "succeeded", body.get("error")
+
+
+def test_a_sync_request_open_at_a_stop_gets_503_saying_so(tmp_path):
+    """uvicorn cancels a request still open STOP_GRACE_S after a stop, and answered it with a bare 500."""
+    server = CogServer("canny", log_path=tmp_path / "server.log")
+    server.launch()
+    answer = {}
+    try:
+        server.wait_ready()
+
+        def send():
+            answer["response"] = server.predict(LONG, timeout=120)
+
+        client = threading.Thread(target=send, daemon=True)
+        client.start()
+        deadline = time.monotonic() + 30
+        while server.health() != "BUSY" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.process.send_signal(signal.SIGTERM)
+        client.join(30)
+        response = answer["response"]
+        assert response.status_code == 503, response.text[:300]
+        assert response.json()["detail"].startswith("the server stopped before this prediction finished")
+        server.process.wait(timeout=10)
+    finally:
+        server.stop()
