@@ -11,7 +11,9 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
   answered 500), a string with a lone UTF-16 surrogate (not text: the same 500) and a body nested
   over 32 levels (a 2 KB body 1,000 deep hit the parser's recursion limit: 500); bodies over a bound
   get 413; with CONTROLNET_BLOCK_PRIVATE_URLS on, a `webhook` whose host is or resolves to a private
-  address gets 422 (Cog sent it every event); `POST /shutdown` is refused unless the client is on
+  address gets 422 (Cog sent it every event); input names the schema lacks are still dropped, as Cog
+  drops them, but the prediction's logs begin with a Note naming them; a sync request that a stop
+  cancels gets 503 saying so (uvicorn answered a bare 500); `POST /shutdown` is refused unless the client is on
   loopback (Cog lets anyone who reaches the port stop the server); `POST /trainings/{id}/cancel`
   is answered by the predictions' cancel route, which runs the same `runner.cancel` (Cog's training
   route calls the async cancel handler without awaiting it: every training cancel was a 500 and
@@ -43,13 +45,15 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 
 Both (cog/types.py)
 - a file input that is not a string gets 422 instead of a 500 from inside Cog's validator; a data:
-  URI is decoded once (Cog decoded it twice).
+  URI is decoded once (Cog decoded it twice), and one whose base64 holds a character outside the
+  alphabet gets 422 (decoded leniently, it became other bytes).
 
 Prediction worker (cog/server/worker.py)
 - a client's input mistake (a ValueError raised by the predictor), and a server failure whose
   message is written for the client (the predictor's ExpectedFault, UnexpectedError), is printed to
   the logs as one line, its traceback only to the server's own stream; any other failure keeps
-  Cog's traceback.
+  Cog's traceback; a library's warning (it names the library's file) and the health verdicts go to
+  the server's own stream only.
 
 Every fix is tested through the real server (tests/test_serving.py), the log lines in-process
 (tests/test_worker_logs.py).
