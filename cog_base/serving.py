@@ -271,7 +271,7 @@ class Guard:
                     413, f"the body is over {MAX_BODY_BYTES // 2**20} MiB; send large images as URLs"))
             body, problem = _parsed_body(raw)
             where = ["body"]
-            if not problem and isinstance(body.get("webhook"), str):
+            if not problem and isinstance(body.get("webhook"), str) and _blocking_private():
                 # Resolving the name blocks: off the event loop, which serves every other client.
                 problem = await asyncio.get_running_loop().run_in_executor(None, _webhook_problem, body["webhook"])
                 where = ["body", "webhook"]
@@ -314,6 +314,12 @@ class Guard:
 
 WEBHOOK_REFUSED = ("to which this server sends no webhooks (CONTROLNET_BLOCK_PRIVATE_URLS is on); use a "
                    "public URL, or leave webhook out and wait for the answer (a synchronous request)")
+
+
+def _blocking_private() -> bool:
+    from models.urls import block_private
+
+    return block_private()
 
 
 def _webhook_problem(url: str) -> str | None:
