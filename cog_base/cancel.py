@@ -115,6 +115,10 @@ def _convert_inputs(pool, payload: dict, stop: threading.Event) -> None:
     for name, value in payload.items():
         items = value if isinstance(value, list) else [value]
         if items and all(isinstance(item, URLPath) for item in items):
+            for item in items:
+                # The download's errors name the input (init_image: ...): Cog fetches before the predictor
+                # sees any name (serving's URLPath.convert reads it).
+                item.input_name = name
             jobs[name] = [pool.submit(_convert, item, stop) for item in items]
     every = [job for name_jobs in jobs.values() for job in name_jobs]
     finished, _ = futures.wait(every, return_when=futures.FIRST_EXCEPTION)

@@ -125,6 +125,7 @@ class ControlNetPredictor(BasePredictor):
     versions: ClassVar[dict[str, Version]] = {}
     head_inputs: ClassVar[tuple[str, ...]] = JAGILLEY_INPUTS
     tail_inputs: ClassVar[tuple[str, ...]] = CONTROLS
+    _used: tuple[tuple[str, str], ...] = ()  # (condition, version) of each unit of the request being served
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -189,7 +190,10 @@ class ControlNetPredictor(BasePredictor):
 
         from cog_base.health import WorkerHealth
 
-        self.health = WorkerHealth()
+        from cog_base.serving import server_log
+
+        # Its verdicts (and "restart the server") are the operator's: the server's log, not a client's logs.
+        self.health = WorkerHealth(log=server_log)
         self.weights = weights.locate(self.condition)
         if self.weights.tiny:
             print(self.tiny_warning(), flush=True)
@@ -286,10 +290,20 @@ class ControlNetPredictor(BasePredictor):
         if found is None:
             raise ValueError(
                 f"{VERSION_INPUT} {ask.version} is not available on this server: its weights lack the {ask.condition} "
-                f"ControlNet {ask.version} (the operator runs `make weights COND={self.condition}`). Send "
+                f"ControlNet {ask.version} ({self._missing_version_fix(ask.condition, ask.version)}). Send "
                 f"{VERSION_INPUT} {DEFAULT_VERSION}"
             )
         return found
+
+    def _missing_version_fix(self, condition: str, version: str) -> str:
+        """What the operator does to serve `version`: `make weights` fetches only a component pinned to a
+        commit, and says it skipped the others."""
+        name = weights.components(condition).get(f"controlnet{weights.VERSION_MARK}{version}")
+        if name is None or weights.revision(name) is not None:
+            return f"the operator runs `make weights COND={self.condition}`"
+        repo = weights.MANIFEST["components"][name]["repo"]
+        return (f"the operator pins a commit of {repo} as its revision in weights/manifest.json, then runs "
+                f"`make weights COND={self.condition}`, which skips it while none is pinned")
 
     def warm_up_inputs(self, image: Path) -> dict[str, Any]:
         """The inputs of a warm-up request besides its size, for this image's signature."""
@@ -334,6 +348,7 @@ class ControlNetPredictor(BasePredictor):
 
     def predict_with(self, inputs: dict[str, Any]) -> list[Path]:
         """What each subclass's predict() calls with its locals()."""
+        self._used = ()
         try:
             paths = self.generate(**{name: value for name, value in inputs.items() if name not in ("self", "__class__")})
         except (ValueError, ExpectedFault):
@@ -341,33 +356,45 @@ class ControlNetPredictor(BasePredictor):
         except Exception as exc:
             if type(exc).__name__ == "CancelationException":
                 raise
-            self.health.after_unexpected_failure(exc, self._self_test)
+            # Each condition (and version) the request used is tried on its own: on multi one can be
+            # broken while the others serve. A failure before the request was read tries the default.
+            used = self._used or ((next(iter(self.condition_specs())), DEFAULT_VERSION),)
+            self.health.after_unexpected_failure(
+                exc, {_health_name(*key): functools.partial(self._self_test, *key) for key in used})
             # Its message may name server paths; the traceback stays in the server's log.
             raise UnexpectedError(
                 f"unexpected server error ({type(exc).__name__}); it is logged on the server. Retry, and report it "
                 "if it persists"
             ) from exc
-        self.health.succeeded()
+        self.health.succeeded(_health_name(*key) for key in self._used)
         return paths
 
     def healthcheck(self) -> bool:
         """Cog 0.16.12 calls this (in the worker) on every /health-check: see cog_base/health.py."""
         return self.health.check()
 
-    def _self_test(self) -> None:
-        """One step at 64x64 (or a compiled shape) on the warm-up drawing, its logs kept out of the failed
-        request's."""
+    def _self_test(self, condition: str | None = None, version: str = DEFAULT_VERSION) -> None:
+        """One step at 64x64 (or a compiled shape) on the warm-up drawing, with `condition` (default: the
+        image's first) at ControlNet `version`, its logs kept out of the failed request's."""
         import contextlib
         import io
 
         width, height = getattr(self, "_self_test_size", (64, 64))
         folder = tempfile.mkdtemp(prefix="controlnet-self-test-")
+        used = self._used
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                self.generate(**self.warm_up_inputs(_drawing(folder, width, height)), prompt="self-test", width=width,
-                              height=height, ddim_steps=1, seed=1, return_control_map=False)
+                inputs = self.self_test_inputs(_drawing(folder, width, height), condition or next(iter(self.condition_specs())),
+                                               version)
+                self.generate(**inputs, prompt="self-test", width=width, height=height, ddim_steps=1, seed=1,
+                              return_control_map=False)
         finally:
+            self._used = used  # the failed request's, whatever the self-test asked
             shutil.rmtree(folder, ignore_errors=True)
+
+    def self_test_inputs(self, image: Path, condition: str, version: str) -> dict[str, Any]:
+        """A self-test's inputs for one condition at one ControlNet version."""
+        return {**self.warm_up_inputs(image), **({VERSION_INPUT: version} if version != DEFAULT_VERSION else {})}
 
     # -- the request path: validate, plan the size, make the maps, sample, encode -------------------
 
@@ -380,6 +407,7 @@ class ControlNetPredictor(BasePredictor):
         from models.pipeline import NonFiniteOutputError
 
         request = self.validate(args, inputs)
+        self._used = tuple(dict.fromkeys((unit.condition, unit.version) for unit in request.units))  # health's
         if self.weights.tiny:
             print(self.tiny_warning())
         print(f"Using seed: {request.seed}", flush=True)
@@ -494,7 +522,7 @@ class ControlNetPredictor(BasePredictor):
         """The edit's photo and mask decoded and sized by the request's size plan (models.image.plan_edit);
         None from noise. preprocess_only generates nothing: the edit inputs are ignored, but for a map made
         from the mask (map_takes_mask)."""
-        from models.image import InputImageError, load_mask, load_rgb, plan_edit
+        from models.image import InputImageError, check_aspect, load_mask, load_rgb, plan_edit
 
         specs = self.condition_specs()
         map_mask = request.mask_image is not None and any(specs[u.condition].map_takes_mask for u in request.units)
@@ -510,8 +538,13 @@ class ControlNetPredictor(BasePredictor):
             photo = images[0] if source is request.units[0].image or request.preprocess_only else load_rgb(source)
         except InputImageError as exc:
             raise InputImageError(f"{name}: {exc}") from None
+        # The bound `image` has (4:1): the photo and the mask are centre-cropped to the image's aspect, so
+        # one more extreme would lose most of itself to the crop, and the edit would show little of it.
+        check_aspect(*photo.shape[:2], name)
         try:
             mask = load_mask(request.mask_image) if request.mask_image is not None else None
+            if mask is not None:
+                check_aspect(*mask.shape[:2], "mask_image")
             plan = plan_edit(photo, size, images[0].shape[:2], mask, request.mask_blur)
         except InputImageError as exc:
             text = str(exc)
@@ -631,6 +664,9 @@ class MultiControlNetPredictor(ControlNetPredictor):
     def warm_up_inputs(self, image: Path) -> dict[str, Any]:
         return {"controlnet_1": next(iter(self.conditions)), "controlnet_1_image": image}
 
+    def self_test_inputs(self, image: Path, condition: str, version: str) -> dict[str, Any]:
+        return {"controlnet_1": condition, "controlnet_1_image": image}  # a unit runs its condition's default version
+
     def units_asked(self, values: dict[str, Any]) -> tuple[UnitAsk, ...]:
         specs = self.condition_specs()
         units = []
@@ -654,6 +690,11 @@ class MultiControlNetPredictor(ControlNetPredictor):
             raise ValueError(f"no control unit: set controlnet_1 to a condition ({', '.join(specs)}) and send "
                              "controlnet_1_image (controlnet_2 and controlnet_3 likewise)")
         return tuple(units)
+
+
+def _health_name(condition: str, version: str) -> str:
+    """How the health state names a condition at a ControlNet version."""
+    return condition if version == DEFAULT_VERSION else f"{condition} ControlNet {version}"
 
 
 def remove_on_worker_stop(folders) -> None:

@@ -8,21 +8,27 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 - a guard in front of the app: a body that is not `{"input": {...}}` gets 422 with what to send
   (Cog answers `{}`, `null` and `{"input": null}` with 500 from an unhandled ValidationError in
   `_predict`), and so does a NaN, Infinity or 1e999 anywhere in a body (Python's JSON takes them; Cog
-  answered 500) and a string with a lone UTF-16 surrogate (not text: the same 500); an integer sent
+  answered 500), a string with a lone UTF-16 surrogate (not text: the same 500) and a body nested
+  over 32 levels (a 2 KB body 1,000 deep hit the parser's recursion limit: 500); an integer sent
   for a choice whose choices are numbers (image_resolution 768, as jagilley's clients send it) is
-  taken as that choice (Cog's schema answered 422); bodies over a bound get 413; `POST /shutdown` is refused unless the client is on
+  taken as that choice (Cog's schema answered 422); bodies over a bound get 413; with
+  CONTROLNET_BLOCK_PRIVATE_URLS on, a `webhook` whose host is or resolves to a private
+  address gets 422 (Cog sent it every event); input names the schema lacks are still dropped, as Cog
+  drops them, but the prediction's logs begin with a Note naming them; a sync request that a stop
+  cancels gets 503 saying so (uvicorn answered a bare 500); `POST /shutdown` is refused unless the client is on
   loopback (Cog lets anyone who reaches the port stop the server); `POST /trainings/{id}/cancel`
   is answered by the predictions' cancel route, which runs the same `runner.cancel` (Cog's training
   route calls the async cancel handler without awaiting it: every training cancel was a 500 and
   cancelled nothing);
 - image URLs (and a train-mode server's training archive URLs, with their own bounds) are fetched
   with a byte bound and one wall-clock deadline, every redirect checked, the optional
-  private-address block of models.urls, stopped at once by a cancel, and no 0-byte temp file left
-  after a failure (`URLPath.convert` copies an unbounded stream into a temp file it never removes
+  private-address block of models.urls, stopped at once by a cancel, each error naming its input
+  (`init_image: ...`), and no 0-byte temp file left after a failure (`URLPath.convert` copies an unbounded stream into a temp file it never removes
   on error); a stop removes the input folders in flight;
 - webhooks are sent from a per-prediction thread with timeouts and two retries at most: Cog sends
   them on its event loop with no timeout and retries the final one for ~320 s, during which the
-  prediction cannot finish and every other client gets 409;
+  prediction cannot finish and every other client gets 409; under the private-address switch each
+  send checks the URL again and follows no redirect;
 - an async prediction on a server started without `--upload-url` returns its files as data: URIs,
   as a sync one does (Cog put the server's own temp-file paths in the webhook: useless to the client,
   and a leak of server paths); a sync one keeps Cog's own path (files encoded once, after the answer
@@ -41,13 +47,15 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 
 Both (cog/types.py)
 - a file input that is not a string gets 422 instead of a 500 from inside Cog's validator; a data:
-  URI is decoded once (Cog decoded it twice).
+  URI is decoded once (Cog decoded it twice), and one whose base64 holds a character outside the
+  alphabet gets 422 (decoded leniently, it became other bytes).
 
 Prediction worker (cog/server/worker.py)
 - a client's input mistake (a ValueError raised by the predictor), and a server failure whose
   message is written for the client (the predictor's ExpectedFault, UnexpectedError), is printed to
   the logs as one line, its traceback only to the server's own stream; any other failure keeps
-  Cog's traceback.
+  Cog's traceback; a library's warning (it names the library's file) and the health verdicts go to
+  the server's own stream only.
 
 Every fix is tested through the real server (tests/test_serving.py), the log lines in-process
 (tests/test_worker_logs.py).
@@ -55,8 +63,10 @@ Every fix is tested through the real server (tests/test_serving.py), the log lin
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import binascii
+import contextvars
 import io
 import ipaddress
 import json
@@ -73,6 +83,7 @@ import threading
 import time
 import traceback
 import types
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -111,6 +122,7 @@ def install() -> None:
         cancel.install_http()
     _patch_path_validation()
     _patch_worker_tracebacks()
+    _route_library_warnings()
     cancel.install_worker()
 
 
@@ -143,6 +155,8 @@ def _parsed_body(raw: bytes):
         # answered them with 500 when it encoded its reply. A finite number parses as json.loads parses
         # it, so a body with none of them is json.loads(raw) exactly, and FastAPI is handed it.
         body = json.loads(raw, parse_constant=_NonFinite, parse_float=_finite_float) if raw.strip() else None
+    except RecursionError:  # Python's JSON parser recurses once per level: a 2 KB body reached its limit (500)
+        return None, DEEP_BODY
     except ValueError:
         return None, "the body is not valid JSON; send {\"input\": {...}}"
     if not isinstance(body, dict):
@@ -153,10 +167,20 @@ def _parsed_body(raw: bytes):
     return (None, problem) if problem else (body, None)
 
 
-def _bad_value_at(value, path: str = "") -> str | None:
-    """What to fix about the first value Cog cannot take: a NaN, Infinity or out-of-range number, or
-    a string (value or key) holding a lone UTF-16 surrogate (JSON's "\\ud83c" without its pair): no
-    text, so the tokenizer raised on it and the answer echoing it could not be encoded (500)."""
+# No input needs more than a list in an object in the body's object; every walk over a body (this
+# guard's, pydantic's, the encoders of Cog's answer) recurses once per level.
+MAX_BODY_DEPTH = 32
+DEEP_BODY = (f"the body is nested more than {MAX_BODY_DEPTH} levels deep; send {{\"input\": {{...}}}} with strings, "
+             "numbers, booleans or lists of them as values")
+
+
+def _bad_value_at(value, path: str = "", depth: int = 0) -> str | None:
+    """What to fix about the first value Cog cannot take: a NaN, Infinity or out-of-range number, a
+    string (value or key) holding a lone UTF-16 surrogate (JSON's "\\ud83c" without its pair): no
+    text, so the tokenizer raised on it and the answer echoing it could not be encoded (500); or
+    nesting deeper than MAX_BODY_DEPTH."""
+    if depth > MAX_BODY_DEPTH:
+        return DEEP_BODY
     if isinstance(value, _NonFinite):
         return f"{path} is {value}, not a finite number; send a finite number"
     if isinstance(value, str):
@@ -171,7 +195,7 @@ def _bad_value_at(value, path: str = "") -> str | None:
         if surrogate is not None:
             return (f"a name in {path or 'the body'} holds a lone surrogate ({surrogate}), which is not text; "
                     "send valid Unicode")
-        found = _bad_value_at(item, where)
+        found = _bad_value_at(item, where, depth + 1)
         if found:
             return found
     return None
@@ -185,6 +209,20 @@ def _lone_surrogate(text: str) -> str | None:
     except UnicodeEncodeError as exc:
         return ascii(text[exc.start])[1:-1]
     return None
+
+
+# The input names of the request being created that the image does not have (the guard sets it, the
+# prediction's first log line says it: PredictTask is created in the same task).
+_UNKNOWN_INPUTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("unknown_inputs", default=())
+UNKNOWN_SHOWN = 10  # names listed at most; each cut to 64 characters
+
+
+def unknown_inputs_note(names: tuple[str, ...]) -> str:
+    shown = [name if len(name) <= 64 else name[:61] + "..." for name in names[:UNKNOWN_SHOWN]]
+    shown = [name if name.isprintable() else ascii(name) for name in shown]  # no line of its own making
+    more = f" and {len(names) - UNKNOWN_SHOWN} more" if len(names) > UNKNOWN_SHOWN else ""
+    return (f"Note: ignored input(s) this image does not have: {', '.join(shown)}{more} (its inputs are listed in "
+            "GET /openapi.json)\n")
 
 
 # The scope key under which the guard hands FastAPI the body it parsed (Starlette's Request.json).
@@ -206,11 +244,16 @@ def _patch_request_json() -> None:
     Request.json = parsed_json
 
 
+STOPPED = ("the server stopped before this prediction finished, and the prediction with it; send it again (to "
+           "another replica, or once this server is back)")
+
+
 class Guard:
     """ASGI middleware in front of Cog's FastAPI app."""
 
     def __init__(self, app):
         self.app = app
+        self._names: dict[str, frozenset[str]] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -229,12 +272,71 @@ class Guard:
                 return await _reply(send, *_json_response(
                     413, f"the body is over {MAX_BODY_BYTES // 2**20} MiB; send large images as URLs"))
             body, problem = _parsed_body(raw)
+            where = ["body"]
+            if not problem and isinstance(body.get("webhook"), str) and _blocking_private():
+                # Resolving the name blocks: off the event loop, which serves every other client.
+                problem = await asyncio.get_running_loop().run_in_executor(None, _webhook_problem, body["webhook"])
+                where = ["body", "webhook"]
             if problem:
-                detail = [{"loc": ["body"], "msg": problem, "type": "value_error"}]
+                detail = [{"loc": where, "msg": problem, "type": "value_error"}]
                 return await _reply(send, *_json_response(422, detail))
             _numeric_choices_as_strings(body["input"])
-            return await self.app({**scope, PARSED_BODY: body}, _replay(raw), send)
+            # Cog drops inputs its schema lacks without a word; real clients send names these models never
+            # had (num_inference_steps, guidance_scale), so they are not refused: the logs say so.
+            known = self._input_names("TrainingInput" if path.startswith("/trainings") else "Input")
+            token = _UNKNOWN_INPUTS.set(tuple(sorted(set(body["input"]) - known)) if known else ())
+            started = False
+
+            async def tracked(message):
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                return await self.app({**scope, PARSED_BODY: body}, _replay(raw), tracked)
+            except asyncio.CancelledError:
+                # A stop cancels a request still open after STOP_GRACE_S (a sync prediction); uvicorn then
+                # answered a bare "Internal Server Error". Say what happened, and that it may be sent again.
+                if started:
+                    raise
+                return await _reply(send, *_json_response(503, STOPPED))
+            finally:
+                _UNKNOWN_INPUTS.reset(token)
         return await self.app(scope, receive, send)
+
+    def _input_names(self, schema: str) -> frozenset[str]:
+        """The input names of Cog's schema `schema` (Input or TrainingInput); empty when it has none."""
+        if schema not in self._names:
+            try:
+                properties = self.app.openapi()["components"]["schemas"][schema]["properties"]
+            except (AttributeError, KeyError, TypeError):
+                properties = {}
+            self._names[schema] = frozenset(properties)
+        return self._names[schema]
+
+
+WEBHOOK_REFUSED = ("to which this server sends no webhooks (CONTROLNET_BLOCK_PRIVATE_URLS is on); use a "
+                   "public URL, or leave webhook out and wait for the answer (a synchronous request)")
+
+
+def _blocking_private() -> bool:
+    from models.urls import block_private
+
+    return block_private()
+
+
+def _webhook_problem(url: str) -> str | None:
+    """Why the server will not send webhooks to `url`, under the private-address switch (off: None):
+    the webhook is a request the server makes, to an address the client picks, as an image URL is."""
+    from models.urls import URLError, block_private, check_url
+
+    if not block_private():
+        return None
+    try:
+        check_url(url, "webhook", refused=WEBHOOK_REFUSED)
+    except URLError as exc:
+        return str(exc)
+    return None
 
 
 def _numeric_choices_as_strings(inputs: dict) -> None:
@@ -428,9 +530,31 @@ def _decode_data_uri(uri: str) -> tuple[str, bytes]:
     the whole payload through unquote_to_bytes (3.3 ms instead of 5.0 for a 0.6 MB image)."""
     match = _BASE64_URI.match(uri)
     if match and "%" not in uri:
-        return (match.group(1) or "text/plain").lower(), binascii.a2b_base64(uri[match.end():])
+        payload = uri[match.end():]
+        try:  # the usual payload, checked while decoded (no separate scan of a 0.8 MB string)
+            data = binascii.a2b_base64(payload, strict_mode=True)
+        except binascii.Error:  # whitespace (line-wrapped base64), odd padding, or a character that is not base64
+            _check_base64(payload)
+            data = binascii.a2b_base64(payload)
+        return (match.group(1) or "text/plain").lower(), data
+    if match:
+        _check_base64(urllib.parse.unquote(uri[match.end():]))
     with urllib.request.urlopen(uri) as decoded:  # noqa: S310  data: only (the caller's check)
         return decoded.headers.get_content_type(), decoded.read()
+
+
+# What base64 may hold: its alphabet, padding, and whitespace (line-wrapped output, as `base64` writes).
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=\s]")
+
+
+def _check_base64(payload: str) -> None:
+    """A character outside base64's alphabet was skipped silently (binascii's lenient decoding), so a
+    URL-safe (-, _) or damaged payload became other bytes and a confusing decode error later."""
+    bad = _NOT_BASE64.search(payload)
+    if bad:
+        raise ValueError(
+            f"the data: URI's base64 holds {ascii(bad.group())} at character {bad.start()} of its data, which is not "
+            "base64; send standard base64 (A-Z, a-z, 0-9, +, /, = padding)")
 
 
 def _cog_mode() -> str:
@@ -459,7 +583,10 @@ def _patch_url_inputs() -> None:
                         shutil.copyfileobj(self.fileobj, out)
                 else:
                     # At request time: Cog hides sys.argv while it imports the predictor (hence this module).
-                    what, max_bytes, timeout_s = URL_INPUTS.get(_cog_mode(), URL_INPUTS["predict"])
+                    mode = _cog_mode()
+                    what, max_bytes, timeout_s = URL_INPUTS.get(mode, URL_INPUTS["predict"])
+                    # A prediction's error names the input, as its decode errors do (init_image: ...).
+                    what = (getattr(self, "input_name", None) if mode == "predict" else None) or what
                     download(self.source, dest, what, max_bytes, timeout_s, abort=cancel.current_stop())
             except URLError as exc:
                 _remove_input_dir(dest.parent)
@@ -527,6 +654,9 @@ def _patch_tasks() -> None:
             # (it decoded each data: URI twice) and which Cog's answer path encodes once.
             self._file_uploader = lambda output: upload_files(output, upload_file=upload_file)
         self._p.input = _short_echo(self._p.input)
+        unknown = _UNKNOWN_INPUTS.get()
+        if unknown:
+            self._p.logs = unknown_inputs_note(unknown) + (self._p.logs or "")
 
     track = cog_runner.PredictTask.track
 
@@ -573,6 +703,7 @@ def _webhook_sender(url: str, events_filter, cog_webhook):
     from urllib3.util.retry import Retry
 
     from cog.schema import Status
+    from models.urls import block_private
 
     throttler = cog_webhook.ResponseThrottler(response_interval=cog_webhook._response_interval)
     session = cog_webhook.requests_session()  # Cog's headers: user agent, trace context, auth token
@@ -591,11 +722,21 @@ def _webhook_sender(url: str, events_filter, cog_webhook):
             payload, terminal = outbox.get()
             if terminal:
                 settled.wait(SETTLE_TIMEOUT_S)
+            # Checked at creation (the guard) and again before each send, since a name may resolve
+            # elsewhere by now; a redirect is never followed under the switch (it could point anywhere).
+            problem = _webhook_problem(url)
             try:
-                # orjson: the final webhook of an async answer carries its files as data: URIs, which
-                # requests' json.dumps scans character by character (~50 ms at 4 samples of 1024x768).
-                (retrying if terminal else session).post(url, data=_json_bytes(payload), timeout=WEBHOOK_TIMEOUT,
-                                                         headers={"Content-Type": "application/json"})
+                if problem:
+                    print(f"controlnet-cog: webhook not sent: {problem}", file=sys.stderr, flush=True)
+                else:
+                    # orjson: the final webhook of an async answer carries its files as data: URIs, which
+                    # requests' json.dumps scans character by character (~50 ms at 4 samples of 1024x768).
+                    response = (retrying if terminal else session).post(
+                        url, data=_json_bytes(payload), timeout=WEBHOOK_TIMEOUT,
+                        headers={"Content-Type": "application/json"}, allow_redirects=not block_private())
+                    if response.is_redirect:
+                        print(f"controlnet-cog: webhook to {url.split('?')[0]} answered a redirect, not followed "
+                              "(CONTROLNET_BLOCK_PRIVATE_URLS is on)", file=sys.stderr, flush=True)
             except requests.RequestException as exc:
                 print(f"controlnet-cog: webhook to {url.split('?')[0]} failed ({type(exc).__name__}); the prediction "
                       "is unaffected", file=sys.stderr, flush=True)
@@ -654,16 +795,60 @@ def _patch_worker_tracebacks() -> None:
     cog_worker.traceback = shim
 
 
+def _route_library_warnings() -> None:
+    """A warning raised during a prediction (diffusers' FutureWarning on img2img with several samples)
+    goes to the server's log only: Python's warning line names the library's file on the server
+    (site-packages) and its source line, and the operator is the one who can act on it. Pillow's
+    warnings about an upload are the client's matter: models.image catches them first and prints one
+    `Note:` line. Outside Cog's worker (tests, scripts) warnings show as usual."""
+    import multiprocessing
+    import warnings
+
+    shown = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        # Only in Cog's prediction worker (a child process): elsewhere nothing captures stderr for a client.
+        stream = None if file is not None or multiprocessing.parent_process() is None else _server_stream()
+        if stream is None:
+            return shown(message, category, filename, lineno, file, line)
+        try:
+            stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    warnings.showwarning = showwarning
+
+
+def server_log(line: str) -> None:
+    """A line for the operator: in Cog's prediction worker the server's log only (stdout and stderr are a
+    client's prediction logs there), elsewhere stderr."""
+    import multiprocessing
+
+    stream = _server_stream() if multiprocessing.parent_process() is not None else None
+    print(line, file=stream or sys.stderr, flush=True)
+
+
+_server_fp = None
+
+
 def _server_stream():
     """The worker's original stderr, which Cog's stream redirector keeps beside the captured one:
     what is written there reaches the server's log but not the prediction's logs."""
     import gc
 
-    from cog.server.helpers import StreamRedirector
+    global _server_fp
+    if _server_fp is not None and not _server_fp.closed:  # the redirector lives as long as the worker
+        return _server_fp
+    try:
+        from cog.server.helpers import StreamRedirector
+    except ImportError:
+        return None
 
     for obj in gc.get_objects():
         if isinstance(obj, StreamRedirector):
             for wrapped in getattr(obj, "_streams", []):
                 if wrapped.name == "<stderr>":
-                    return getattr(wrapped, "_original_fp", None)
+                    _server_fp = getattr(wrapped, "_original_fp", None)
+                    return _server_fp
     return None

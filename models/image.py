@@ -122,7 +122,7 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def _check_aspect(height: int, width: int, what: str = "image") -> None:
+def check_aspect(height: int, width: int, what: str = "image") -> None:
     if min(height, width) < 1:
         raise InputImageError(f"{what} is {width}x{height}; it needs at least one pixel each way")
     ratio = max(height, width) / min(height, width)
@@ -134,7 +134,7 @@ def _check_aspect(height: int, width: int, what: str = "image") -> None:
 
 def target_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     """Short side scaled to `resolution`, aspect kept, both sides rounded to a multiple of 64."""
-    _check_aspect(height, width)
+    check_aspect(height, width)
     k = resolution / min(height, width)
     return int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64
 
@@ -159,12 +159,12 @@ def plan_size(height: int, width: int, resolution: int, out_width: int = 0, out_
     if not out_width and not out_height:
         size = target_size(height, width, resolution)
         return SizePlan(size, size)
-    _check_aspect(height, width)
+    check_aspect(height, width)
     if not out_height:
         out_height = max(1, round(out_width * height / width))
     if not out_width:
         out_width = max(1, round(out_height * width / height))
-    _check_aspect(out_height, out_width, "width x height")
+    check_aspect(out_height, out_width, "width x height")
     if out_width * out_height > MAX_OUTPUT_PIXELS:
         raise InputImageError(
             f"width x height {out_width}x{out_height} is {out_width * out_height / 1e6:.1f} MP; "

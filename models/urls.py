@@ -36,7 +36,12 @@ def block_private() -> bool:
     return os.environ.get("CONTROLNET_BLOCK_PRIVATE_URLS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def check_url(url: str, what: str) -> None:
+REFUSED_FETCH = "which this server does not fetch; use a public URL or send the file as a data: URI"
+
+
+def check_url(url: str, what: str, refused: str = REFUSED_FETCH) -> None:
+    """Raise URLError unless `url` is http(s) and, under the private-address switch, every address its
+    host resolves to is global; `refused` ends the message for a refused address."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise URLError(f"{what} must be an http(s) URL or a data: URI")
@@ -50,9 +55,7 @@ def check_url(url: str, what: str) -> None:
         address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
         if not address.is_global:
             raise URLError(
-                f"{what}: {parts.hostname} is a private, loopback or link-local address, which this server does "
-                "not fetch; use a public URL or send the file as a data: URI"
-            )
+                f"{what}: {parts.hostname} is a private, loopback or link-local address, {refused}")
 
 
 class Deadline:

@@ -29,8 +29,13 @@ def run_dir(condition: str) -> Path:
     for name in LINKED:
         link = folder / name
         if not link.is_symlink():
-            link.symlink_to(ROOT / name, target_is_directory=True)
-    staged = folder / "cog.yaml.tmp"
+            try:
+                link.symlink_to(ROOT / name, target_is_directory=True)
+            except FileExistsError:  # another server of this condition, starting at the same moment
+                pass
+    # One staging file per process: two servers of one condition start together in the tests (the
+    # second's replace found the first's file gone).
+    staged = folder / f"cog.yaml.{os.getpid()}.tmp"
     staged.write_text(cog_yaml(condition).read_text())
     staged.replace(folder / "cog.yaml")
     return folder

@@ -46,6 +46,9 @@ def files(tmp_path_factory):
             ImageDraw.Draw(mask).rectangle(box, fill=fill)
         paths[name] = folder / f"{name}.png"
         mask.save(paths[name])
+    # 5:1, past the 4:1 that `image` has: the crop to the upload's 4:3 would keep a fifth of it.
+    Image.new("RGB", (500, 100), "white").save(folder / "strip.png")
+    paths["strip"] = folder / "strip.png"
     paths["not-an-image"] = folder / "notes.txt"
     paths["not-an-image"].write_text("hello")
     return paths
@@ -155,6 +158,8 @@ def test_a_grey_mask_is_white_from_128(canny, files):
     (dict(mask_image="black"), "mask_image has nothing to regenerate: it is all black"),
     (dict(mask_image="not-an-image"), "mask_image: image could not be decoded"),
     (dict(init_image="not-an-image"), "init_image: image could not be decoded"),
+    (dict(init_image="strip"), "^init_image aspect ratio 5.0:1 is too extreme; crop it to at most 4:1"),
+    (dict(mask_image="strip"), "^mask_image aspect ratio 5.0:1 is too extreme; crop it to at most 4:1"),
     (dict(init_image="init", strength=0.1), "strength 0.1 of ddim_steps 2 runs no denoising step"),
     (dict(mask_image="mask", strength=0.0), "raise strength \\(above 0\\) or ddim_steps"),
     (dict(init_image="init", strength=1.5), "strength must be between 0.0 and 1.0"),

@@ -246,6 +246,32 @@ def test_schema_has_the_shared_inputs_around_the_units_and_no_image(server):
     assert (props["controlnet_3_end"]["default"], props["controlnet_3_end"]["maximum"]) == (1.0, 1.0)
 
 
+def test_editing_with_several_samples_keeps_server_paths_out_of_the_logs(server):
+    """diffusers' FutureWarning on img2img with several samples names its site-packages file: it goes
+    to the server's log, not the client's (issue 29). Before the other HTTP tests: Python shows a
+    warning once per place."""
+    from tests.test_serving import no_server_path_in
+
+    image = data_uri(png_bytes(drawing(320, 256)))
+    mask = data_uri(png_bytes(Image.new("L", (320, 256), 255)))
+    base = dict(GOOD, **unit(1, "canny", image), **unit(2, "canny", image), num_samples="4")
+    for edit in ({"init_image": image}, {"mask_image": mask}, {"init_image": image, "mask_image": mask}):
+        body = server.predict(base | edit).json()
+        assert body["status"] == "succeeded", body.get("error")
+        no_server_path_in(body["logs"])
+    assert "FutureWarning" in server.log()
+
+
+def test_a_units_download_error_names_its_input(server):
+    from tests.conftest import Receiver
+
+    inputs = dict(GOOD, **unit(1, "canny", data_uri(png_bytes(drawing()))),
+                  **unit(2, "canny", Receiver().url("/missing.png")))
+    body = server.predict(inputs).json()
+    assert body["status"] == "failed" and body["error"].startswith("controlnet_2_image: "), body["error"]
+    assert "answered HTTP 404" in body["error"]
+
+
 def test_one_unit_over_http_gives_the_conditions_own_images(server, tmp_path):
     drawing().save(tmp_path / "in.png")
     body = server.predict({**unit(1, "canny", data_uri((tmp_path / "in.png").read_bytes())), **GOOD}).json()

@@ -3,6 +3,7 @@ idempotent PUT, 409 while busy, uploads, malformed bodies, webhooks that fail, i
 the private-address switch, who may stop the server, and clean stops."""
 
 import base64
+import ipaddress
 import os
 import re
 import signal
@@ -309,5 +310,200 @@ def test_a_stop_signal_ends_the_server_within_10_s_and_frees_its_port(tmp_path, 
             time.sleep(0.1)
         assert not group_alive(server.process.pid), "a worker outlived the server"
         assert port_free(server.port)
+    finally:
+        server.stop()
+
+
+# -- hardening, round four (issue 29) ----------------------------------------------------------------
+
+def test_webhooks_obey_the_private_address_switch(special, receiver):
+    """With the switch on, a webhook to a loopback or link-local address (or a name resolving to one) is
+    refused when the prediction is created, and the receiver gets nothing; with it off webhooks go out."""
+    main, guarded = special
+    link_local = str(ipaddress.ip_address((169 << 24) + (254 << 16) + 7))  # built here: never a literal
+    path = f"/hook/{uuid.uuid4().hex}"
+    for webhook in (receiver.url(path), f"http://localhost:{receiver.port}{path}", f"http://{link_local}{path}"):
+        for response in (
+            post_async(guarded, QUICK, webhook),
+            post_async(guarded, QUICK, webhook, prediction_id=uuid.uuid4().hex),
+            requests.post(f"{guarded.url}/predictions", json={"input": QUICK, "webhook": webhook}, timeout=60),
+        ):
+            assert response.status_code == 422, response.text[:300]
+            detail = response.json()["detail"][0]
+            assert detail["loc"] == ["body", "webhook"] and "sends no webhooks" in detail["msg"], detail
+    wait_idle(guarded)
+    time.sleep(1)
+    assert receiver.for_prediction(path) == []
+    # Off (the default), webhooks still reach a loopback receiver.
+    post_async(main, QUICK, receiver.url(path))
+    assert receiver.wait_final(path)[-1]["status"] == "succeeded"
+    wait_idle(main)
+
+
+def test_a_webhook_redirect_is_not_followed_under_the_switch(monkeypatch):
+    """A webhook whose host passed the check but answers with a redirect (to anywhere: a private address
+    too) is not followed with the switch on; the check runs again before every send."""
+    import http.server
+
+    from cog.server import webhook as cog_webhook
+
+    from cog_base import serving
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            hits.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(307 if self.path == "/public" else 200)
+            self.send_header("Location", "/private")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    real = serving._webhook_problem
+    # "/public" stands for a public host (the test may send only to loopback): the check passes it.
+    monkeypatch.setattr(serving, "_webhook_problem", lambda url: None if url.endswith("/public") else real(url))
+    try:
+        for switch, expected in (("1", ["/public"]), ("", ["/public", "/private"])):
+            monkeypatch.setenv("CONTROLNET_BLOCK_PRIVATE_URLS", switch)
+            hits.clear()
+            from cog.schema import PredictionResponse, Status, WebhookEvent
+
+            caller = serving._webhook_sender(base + "/public", {WebhookEvent.COMPLETED}, cog_webhook)
+            caller.settled.set()
+            caller(PredictionResponse(input={}, status=Status.SUCCEEDED), WebhookEvent.COMPLETED)
+            deadline = time.monotonic() + 10
+            while len(hits) < len(expected) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert hits == expected
+        # Checked again at send time: a URL refused now (e.g. its name resolves elsewhere) gets nothing.
+        monkeypatch.setenv("CONTROLNET_BLOCK_PRIVATE_URLS", "1")
+        hits.clear()
+        caller = serving._webhook_sender(base + "/other", {WebhookEvent.COMPLETED}, cog_webhook)
+        caller.settled.set()
+        caller(PredictionResponse(input={}, status=Status.SUCCEEDED), WebhookEvent.COMPLETED)
+        time.sleep(1)
+        assert hits == []
+    finally:
+        httpd.shutdown()
+
+
+DEEP = "[" * 1000 + "]" * 1000  # ~2 KB, past Python's recursion limit in its JSON parser
+
+
+@pytest.mark.parametrize("raw", [
+    '{"input": {"image": "x", "prompt": %s}}' % DEEP, DEEP, '{"input": {"prompt": %s}}' % ("[" * 40 + "]" * 40),
+    '{"input": {"prompt": "a"}, "webhook": %s}' % DEEP,
+])
+def test_a_deeply_nested_body_gets_422_on_every_route(special, raw):
+    main, _ = special
+    headers = {"content-type": "application/json"}
+    for method, route in (("post", "/predictions"), ("put", f"/predictions/x{uuid.uuid4().hex}"),
+                          ("post", "/trainings"), ("put", f"/trainings/x{uuid.uuid4().hex}")):
+        response = getattr(requests, method)(f"{main.url}{route}", data=raw, headers=headers, timeout=30)
+        assert response.status_code == 422, (route, response.text[:300])
+        assert "nested more than 32 levels" in response.json()["detail"][0]["msg"]
+    for route in ("/predictions/unknown/cancel", "/trainings/unknown/cancel", "/shutdown"):
+        response = requests.post(f"{main.url}{route}", data=raw, headers=headers, timeout=30)
+        assert 400 <= response.status_code < 500, (route, response.status_code)
+    assert main.health() == "READY"
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/missing.png", "answered HTTP 404"), ("/hang.png", "did not answer in time"), ("/trickle.png", "took over 3s"),
+])
+@pytest.mark.parametrize("name", ["init_image", "mask_image"])
+def test_a_download_error_names_its_input(special, receiver, name, path, message):
+    main, _ = special
+    body = main.predict({**QUICK, name: receiver.url(path)}).json()
+    assert body["status"] == "failed" and body["error"].startswith(f"{name}: ") and message in body["error"], body["error"]
+    wait_idle(main)
+
+
+def test_a_refused_address_names_its_input(special, receiver):
+    _, guarded = special
+    body = guarded.predict({**QUICK, "init_image": receiver.url("/house.png")}).json()
+    assert body["status"] == "failed" and body["error"].startswith("init_image: 127.0.0.1 is a private"), body["error"]
+    body = guarded.predict({**QUICK, "image": receiver.url("/house.png")}).json()
+    assert body["error"].startswith("image: 127.0.0.1 is a private"), body["error"]
+
+
+def no_server_path_in(logs: str) -> None:
+    assert "site-packages" not in logs and "Warning" not in logs and ".py" not in logs, logs
+    assert not re.search(r"(^|[\s'\"(])/[\w.-]+/", logs), logs  # no absolute path
+
+
+def test_library_warnings_stay_out_of_a_clients_logs(special):
+    """diffusers warns (a FutureWarning naming its file under site-packages) on img2img with several
+    samples: the operator's matter, in the server's log; the client's logs name no server path. (The
+    multi image: tests/test_multi.py.)"""
+    from PIL import Image
+
+    main, _ = special
+    mask = "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("L", (320, 256), 255))).decode()
+    for edit in ({"init_image": IMAGE}, {"mask_image": mask}, {"init_image": IMAGE, "mask_image": mask}):
+        body = main.predict({**QUICK, **edit, "num_samples": "4"}).json()
+        assert body["status"] == "succeeded", body.get("error")
+        no_server_path_in(body["logs"])
+    assert "FutureWarning" in main.log()  # the operator still sees it
+
+
+def test_an_unknown_input_name_is_ignored_with_a_note(special):
+    """Real clients send names these models never had (num_inference_steps, guidance_scale): still served,
+    as Cog and Replicate serve them, and the logs say which names were ignored."""
+    main, _ = special
+    body = main.predict({**QUICK, "ddim_steps": 1, "num_inference_steps": 30, "guidance_scale": 7.5}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert body["logs"].startswith("Note: ignored input(s) this image does not have: guidance_scale, "
+                                   "num_inference_steps (its inputs are listed in GET /openapi.json)\n"), body["logs"][:300]
+    body = main.predict({**QUICK, "ddim_steps": 1}).json()
+    assert body["status"] == "succeeded" and "ignored input" not in body["logs"]
+
+
+def test_a_data_uri_with_characters_outside_base64_gets_422(special):
+    """binascii skipped them silently: a URL-safe or damaged payload became other bytes."""
+    main, _ = special
+    payload = IMAGE.split(",", 1)[1]
+    for bad in (payload[:100] + "-_" + payload[100:], payload[:100] + "%2D" + payload[100:]):
+        response = main.predict({**QUICK, "image": "data:image/png;base64," + bad})
+        assert response.status_code == 422, response.text[:300]
+        # Cog's schema is a union (a Path instance, or what its validator makes of a string): one error each.
+        said = [d for d in response.json()["detail"] if "'-' at character 100 of its data, which is not base64" in d["msg"]]
+        assert said and said[0]["loc"][:3] == ["body", "input", "image"], response.text[:500]
+    # Line-wrapped base64 (as the `base64` tool writes it) is base64, and taken.
+    wrapped = "data:image/png;base64," + base64.encodebytes(png_bytes(drawing())).decode()
+    body = main.predict({**QUICK, "image": wrapped, "ddim_steps": 1}).json()
+    assert body["status"] == "succeeded", body.get("error")
+
+
+def test_a_sync_request_open_at_a_stop_gets_503_saying_so(tmp_path):
+    """uvicorn cancels a request still open STOP_GRACE_S after a stop, and answered it with a bare 500."""
+    server = CogServer("canny", log_path=tmp_path / "server.log")
+    server.launch()
+    answer = {}
+    try:
+        server.wait_ready()
+
+        def send():
+            answer["response"] = server.predict(LONG, timeout=120)
+
+        client = threading.Thread(target=send, daemon=True)
+        client.start()
+        deadline = time.monotonic() + 30
+        while server.health() != "BUSY" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.process.send_signal(signal.SIGTERM)
+        client.join(30)
+        response = answer["response"]
+        assert response.status_code == 503, response.text[:300]
+        assert response.json()["detail"].startswith("the server stopped before this prediction finished")
+        server.process.wait(timeout=10)
     finally:
         server.stop()

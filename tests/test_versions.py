@@ -104,6 +104,19 @@ def test_an_image_whose_weights_lack_the_11_model_serves_10_and_says_what_is_mis
     assert len(p.generate(image=upload, **reference.FAST)) == 2
     with pytest.raises(ValueError, match="controlnet_version 1.1 is not available on this server: .*make weights COND=hough"):
         p.generate(image=upload, controlnet_version="1.1", **reference.FAST)
+    # What the operator is told must fix it: make weights skips a component that has no pinned revision.
+    name = weights.components("hough")["controlnet@1.1"]
+    spec = weights.MANIFEST["components"][name]
+    for revision in (None, "0" * 40):
+        monkeypatch.setitem(spec, "revision", revision)
+        with pytest.raises(ValueError) as error:
+            p.generate(image=upload, controlnet_version="1.1", **reference.FAST)
+        if revision is None:
+            assert f"pins a commit of {spec['repo']} as its revision in weights/manifest.json" in str(error.value)
+        else:
+            assert "weights/manifest.json" not in str(error.value)
+        assert "then runs `make weights COND=hough`" in str(error.value) or revision is not None
+        assert "make weights COND=hough" in str(error.value)
 
 
 # The revisions found for the last three 1.1 repos (../shared/notes/controlnet-11-multi-editing.md, "Pinned
