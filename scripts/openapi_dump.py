@@ -19,30 +19,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def schema(condition: str, mode: str) -> dict:
-    from cog.config import Config
-    from cog.mode import Mode
-    from cog.server.http import create_app
+    from cog_base.cog016.schema import served_schema
 
-    config = yaml.safe_load((ROOT / "predictors" / condition / "cog.yaml").read_text())
-    app = create_app(cog_config=Config(config), shutdown_event=None, is_build=True,
-                     mode=Mode.TRAIN if mode == "train" else Mode.PREDICT)
-    return app.openapi()
+    return served_schema(ROOT / "predictors" / condition / "cog.yaml", train=mode == "train")
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--one"]:  # the child: one image's schema on stdout
-        print(json.dumps(schema(argv[1], argv[2]), indent=2, sort_keys=True))
+    if argv[:1] == ["--one"]:  # the child: one image's schema into a file (Cog logs to stdout)
+        Path(argv[3]).write_text(json.dumps(schema(argv[1], argv[2]), indent=2, sort_keys=True) + "\n")
         return 0
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
     for folder in sorted(p.parent for p in (ROOT / "predictors").glob("*/cog.yaml")):
         config = yaml.safe_load((folder / "cog.yaml").read_text())
         for mode in ("predict", "train") if "train" in config else ("predict",):
-            text = subprocess.run([sys.executable, "-m", "scripts.openapi_dump", "--one", folder.name, mode],
-                                  cwd=ROOT, check=True, capture_output=True, text=True).stdout
             name = folder.name if mode == "predict" else f"{folder.name}.train"
-            (out / f"{name}.json").write_text(text)
-            print(f"{name}: {len(text)} bytes")
+            path = (out / f"{name}.json").resolve()
+            subprocess.run([sys.executable, "-m", "scripts.openapi_dump", "--one", folder.name, mode, str(path)],
+                           cwd=ROOT, check=True, capture_output=True)
+            print(f"{name}: {path.stat().st_size} bytes")
     return 0
 
 
