@@ -1,10 +1,13 @@
-"""The public API every condition shares, kept apart from the inference code.
+"""The Cog face every condition shares, kept apart from the inference code (models/).
 
 Each condition's predictor is a small subclass that declares its detector and how the detector is
 run, and spells out a literal Cog signature whose every default is an entry of `Inputs` (Cog's
 static schema parser needs literal `Input(...)` defaults; the registry holds them once). That
 signature calls `generate()`, a plain method that tests call with plain values (calling a Cog
-`predict()` directly passes FieldInfo objects as defaults).
+`predict()` directly passes FieldInfo objects as defaults): it validates the inputs into a request
+(models/request.py), runs the request path (models/generate.py) into an output folder that lives
+until the next prediction (Cog reads the files after predict returns), and turns its typed errors
+into the client's messages.
 
 Inputs, defaults and semantics follow the jagilley/controlnet-* models so their clients switch
 without changes; the seed actually used is printed in the logs, which they never did.
