@@ -150,8 +150,9 @@ class ControlNetPredictor(BasePredictor):
 
     @classmethod
     def detector_class(cls) -> type:
-        module, _, name = cls.detector.partition(":")
-        return getattr(importlib.import_module(module), name)
+        from models.control import import_class
+
+        return import_class(cls.detector)
 
     @classmethod
     def condition_specs(cls) -> dict[str, type[ControlNetPredictor]]:
@@ -226,56 +227,20 @@ class ControlNetPredictor(BasePredictor):
         """The pipeline's runner and the conditions its units use. A single-condition image loads its
         detector now (its first request waits for nothing); an image of several conditions loads each
         detector when an image first needs it, and each ControlNet on first use, at most
-        CONTROLNET_MAX_LOADED of them kept."""
-        from models.control import Condition, ControlNets, max_controlnets_from_env
+        CONTROLNET_MAX_LOADED of them kept. Another ControlNet version's ControlNet loads on first use
+        too, through the same store: a 1.0 client's server never holds it, and setup takes no longer."""
+        from models.control import ControlNets, declared_conditions, max_controlnets_from_env
         from models.pipeline import ControlNetRunner, load_controlnet, release_memory
 
-        self.conditions = {}
-        for name, spec in self.condition_specs().items():
-            found, cls = self.weights.of(name), spec.detector_class()
-            self.conditions[name] = Condition(
-                name, (lambda cls=cls, folder=found.detector: cls.from_weights(folder)),
-                spec.detect_at_resolution, spec.map_interpolation, getattr(cls, "map_problem", None),
-                controlnet=None if found is self.weights else found.controlnet,  # None: the pipeline's own
-            )
-        self.versioned = self._versioned_conditions()
+        specs = self.condition_specs()
+        self.conditions, self.versioned = declared_conditions(
+            specs, {name: self.weights.of(name) for name in specs}, self.weights, weights.VERSION_MARK)
         store = ControlNets(lambda folder: load_controlnet(folder, str(pipe.device)), max_controlnets_from_env(),
                             release=release_memory)
         runner = ControlNetRunner(pipe, condition=self.conditions.get(self.condition), controlnets=store)
         if self.condition in self.conditions:
             runner.detector  # noqa: B018  loads it
         return runner
-
-    def _versioned_conditions(self) -> dict[tuple[str, str], Any]:
-        """(condition, version) -> Condition for each other ControlNet version an image declares; None where
-        its weights lack that version's ControlNet. Its ControlNet loads on first use, through the same
-        store (CONTROLNET_MAX_LOADED) as a combined image's: a 1.0 client's server never holds it, and
-        setup takes no longer than before. Its own detector loads when first needed; else it shares the
-        default version's detector (one instance)."""
-        from models.control import Condition
-
-        versioned = {}
-        for name, spec in self.condition_specs().items():
-            found, default = self.weights.of(name), self.conditions[name]
-            for version, declared in spec.versions.items():
-                controlnet = found.folders.get(f"controlnet{weights.VERSION_MARK}{version}")
-                if controlnet is None:
-                    versioned[(name, version)] = None
-                    continue
-                if declared.detector:
-                    module, _, cls_name = declared.detector.partition(":")
-                    cls = getattr(importlib.import_module(module), cls_name)
-                    folder = found.folders.get(f"detector{weights.VERSION_MARK}{version}", found.detector)
-                    load = lambda cls=cls, folder=folder: cls.from_weights(folder)  # noqa: E731
-                    check = getattr(cls, "map_problem", None)
-                else:
-                    load, check = (lambda default=default: default.detector), default.map_check
-                versioned[(name, version)] = Condition(
-                    name, load,
-                    spec.detect_at_resolution if declared.detect_at_resolution is None else declared.detect_at_resolution,
-                    declared.map_interpolation or spec.map_interpolation, check, controlnet=controlnet,
-                )
-        return versioned
 
     def warm_up_inputs(self, image: Path) -> dict[str, Any]:
         """The inputs of a warm-up request besides its size, for this image's signature."""
