@@ -74,7 +74,7 @@ class Version:
 class ExpectedFault(RuntimeError):
     """A server-side failure whose message is already written for the client (out of memory, NaN)."""
 
-    log_prefix = "Server fault"  # the prediction's logs get this one line (cog_base.serving)
+    log_prefix = "Server fault"  # the prediction's logs get this one line (cog_base/cog016/serving.py)
 
 
 class UnexpectedError(RuntimeError):
@@ -88,7 +88,7 @@ def _registry_name(default: Any) -> str | None:
 
 
 class ControlNetPredictor(BasePredictor):
-    """Shared setup and generation. Subclasses declare what differs per condition:
+    """Shared setup and the Cog face of a request. Subclasses declare what differs per condition:
 
     condition            the condition's one name (weights manifest, folder, image name)
     detector             "module:Class" of a class with `from_weights(folder_or_None)` returning

@@ -90,6 +90,28 @@ def test_only_the_cog016_folder_knows_cogs_python_server():
                 assert module == "cog" and not any(name.startswith("_") for name in names), (path, module, names)
 
 
+def test_a_newer_cog_imports_the_base_and_every_predictor_without_the_cog016_folder():
+    """What a Cog without 0.16's Python server sees (coglet's `cog` has no cog.server.worker): with the
+    folder gone, the base and the predictors import, and nothing asks for Cog's server."""
+    code = f"""
+import sys, cog
+cog.__version__ = "0.23.1"
+class Gone:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] in (["cog_base", "cog016"], ["cog", "server"]):
+            raise ImportError(f"{{name}}: not there")
+sys.meta_path.insert(0, Gone())
+import importlib, cog_base, predictors.custom.train
+for image in {list(weights.IMAGES)!r}:
+    importlib.import_module(f"predictors.{{image}}.predict")
+from cog_base import runtime
+assert not runtime.PINNED_SERVER
+print("imported")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("imported"), done.stderr[-2000:]
+
+
 def test_only_the_registry_reads_the_insides_of_a_cog_input():
     """An Input's default, bounds and choices are read in one place (cog_base.inputs.read)."""
     allowed = {ROOT / "cog_base" / "inputs.py"}
