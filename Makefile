@@ -26,12 +26,13 @@ $(error unknown COND=$(COND); the conditions are: $(KNOWN_CONDS))
 endif
 endif
 
-.PHONY: help quickstart test install tiny-weights weights serve predict train image image-test deploy clean playground sample-image soak fuzz stop-trials bench bench-smoke
+.PHONY: help quickstart test test-all install tiny-weights weights serve predict train image image-test deploy clean playground sample-image soak fuzz stop-trials bench bench-smoke
 
 help:
 	@printf '%-38s %s\n' \
 		"make quickstart [COND=canny]" "install, start the Cog server, one prediction on a drawing into outputs/, stop" \
-		"make test" "the test suite (offline, CPU, tiny weights)" \
+		"make test" "the in-process tests: the developer's loop (offline, CPU, tiny weights; no Cog server)" \
+		"make test-all" "every test: also real Cog servers, fuzzing, the soak and the browser (CI)" \
 		"make weights COND=canny" "download the real weights (needs internet)" \
 		"make tiny-weights" "write tiny random-weight models (offline, for tests)" \
 		"make playground [COND=canny]" "the Cog server + a page to try it: http://127.0.0.1:PLAYGROUND_PORT (7860)" \
@@ -65,7 +66,11 @@ help:
 quickstart: tiny-weights
 	$(PY) -m scripts.quickstart --cond $(COND) $(SERVER_PORT)
 
+# The tiers are marked in tests/conftest.py ("slow": a real Cog server, fuzzing, the soak, a browser).
 test: tiny-weights
+	$(PY) -m pytest -m "not slow"
+
+test-all: tiny-weights
 	$(PY) -m pytest
 
 install:

@@ -148,3 +148,54 @@ class ControlNets:
             self._release()
         return [self._loaded[Path(f)] for f in folders]
 
+
+
+def import_class(path: str) -> type:
+    """The class a "module:Class" declaration names."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def declared_conditions(declared: dict[str, Any], found: dict[str, Any], own: Any,
+                        version_mark: str) -> tuple[dict[str, Condition], dict[tuple[str, str], Condition | None]]:
+    """The Conditions an image serves, from what its predictors declare and where its weights are.
+
+    declared  condition -> its declaration: `detector` ("module:Class" with `from_weights(folder)`),
+              `detect_at_resolution`, `map_interpolation`, and `versions` (version -> what that version
+              changes: `detector`, `detect_at_resolution`, `map_interpolation`, each None to keep the default's)
+    found     condition -> its weights (`detector`, `controlnet`, `folders`); `own`, the image's own weights:
+              a condition found there uses the pipeline's ControlNet
+    Returns (condition -> Condition at the default version, (condition, version) -> Condition for each
+    other version, None where the weights lack its ControlNet). Every detector loads when first needed;
+    a version without a detector of its own shares the default version's (one instance).
+    """
+    conditions, versioned = {}, {}
+    for name, spec in declared.items():
+        weights, cls = found[name], import_class(spec.detector)
+        conditions[name] = Condition(
+            name, (lambda cls=cls, folder=weights.detector: cls.from_weights(folder)),
+            spec.detect_at_resolution, spec.map_interpolation, getattr(cls, "map_problem", None),
+            controlnet=None if weights is own else weights.controlnet,  # None: the pipeline's own
+        )
+    for name, spec in declared.items():
+        weights, default = found[name], conditions[name]
+        for version, changed in spec.versions.items():
+            controlnet = weights.folders.get(f"controlnet{version_mark}{version}")
+            if controlnet is None:
+                versioned[(name, version)] = None
+                continue
+            if changed.detector:
+                cls = import_class(changed.detector)
+                folder = weights.folders.get(f"detector{version_mark}{version}", weights.detector)
+                load = lambda cls=cls, folder=folder: cls.from_weights(folder)  # noqa: E731
+                check = getattr(cls, "map_problem", None)
+            else:
+                load, check = (lambda default=default: default.detector), default.map_check
+            versioned[(name, version)] = Condition(
+                name, load,
+                spec.detect_at_resolution if changed.detect_at_resolution is None else changed.detect_at_resolution,
+                changed.map_interpolation or spec.map_interpolation, check, controlnet=controlnet,
+            )
+    return conditions, versioned

@@ -8,12 +8,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["CONTROLNET_WEIGHTS"] = "tiny"
 
 import base64
+import functools
 import http.server
 import importlib
+import inspect
 import io
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,9 +32,61 @@ def _registry_choices_kept():
     """A test that builds a Cog schema in this process takes the registry's "enum"s with it (Cog pops
     them): put them back, so no later test depends on which ran first."""
     yield
-    from cog_base.inputs import restore_choices
+    from cog_base import runtime
 
-    restore_choices()
+    if runtime.PINNED_SERVER:
+        from cog_base.cog016.choices import restore_choices
+
+        restore_choices()
+
+
+# -- the two tiers ------------------------------------------------------------------------------
+# `make test` is the developer's loop: the in-process tests (`-m "not slow"`). `make test-all` (CI) runs
+# everything. A test is marked here, by what it starts, never in its own module: a test that uses the
+# `servers` fixture, or whose code or fixtures start a Cog server (CogServer, the playground, the soak),
+# a browser (playwright), or that fuzzes (test_fuzz.py).
+TIERS = {
+    "server": "starts a real Cog server (seconds to a minute each)",
+    "fuzz": "schema-driven fuzzing of real servers",
+    "soak": "many sequential predictions through a real server",
+    "browser": "drives a headless browser",
+}
+SIGNS = {"server": ("CogServer", "scripts.playground", "scripts.soak"), "browser": ("sync_playwright",)}
+MODULES = {"test_fuzz": ("fuzz", "server"), "test_soak": ("soak", "server")}
+
+
+def pytest_configure(config):
+    for name, what in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}; make test-all only")
+    config.addinivalue_line("markers", "slow: any of " + ", ".join(TIERS) + " (make test leaves these out)")
+
+
+@functools.cache
+def _source(func) -> str:
+    try:
+        return inspect.getsource(func)
+    except (OSError, TypeError):
+        return ""
+
+
+def tiers(item) -> set[str]:
+    found = set(MODULES.get(item.module.__name__.rpartition(".")[2], ())) if getattr(item, "module", None) else set()
+    if "servers" in item.fixturenames:
+        found.add("server")
+    here = Path(__file__).parent
+    funcs = [item.function] + [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+    text = "".join(_source(f) for f in funcs if here in Path(inspect.getfile(f)).parents)
+    found |= {tier for tier, signs in SIGNS.items() if any(sign in text for sign in signs)}
+    return found
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marks = tiers(item)
+        for mark in marks:
+            item.add_marker(mark)
+        if marks:
+            item.add_marker("slow")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,7 +6,7 @@ import multiprocessing
 
 import pytest
 
-from cog_base import serving
+from cog_base.cog016 import serving
 from cog_base.health import WorkerHealth
 from cog_base.predictor import UnexpectedError
 from tests.conftest import drawing, predictor_class
