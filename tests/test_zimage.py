@@ -1,0 +1,133 @@
+"""Z-Image-Turbo + Fun ControlNet Union 2.1 (issue 28's model code): the ControlNet loads from its original
+single file through diffusers' detection and conversion, other files are refused by name, the control
+window behaves as on SD 1.5 (the full window changes nothing, an empty one is no ControlNet), sizes follow
+the model's multiples. Tiny random weights in the real layout, CPU."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import zimage
+from weights import tiny_zimage
+
+STEPS = 3
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zimage")
+    tiny_zimage.write_base(root / "base")
+    return root / "base", tiny_zimage.write_controlnet(root / "controlnet")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny):
+    base, file = tiny
+    return zimage.load_pipeline(base, zimage.load_controlnet(file, file.parent))
+
+
+@pytest.fixture(scope="module")
+def control():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+def generate(pipe, control, **kwargs):
+    kwargs = dict(dict(prompt="a cozy house", height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=0.0,
+                       control_image=control, output_type="np"), **kwargs)
+    return pipe(generator=torch.Generator().manual_seed(7), **kwargs).images
+
+
+def test_the_written_architecture_is_the_real_files():
+    from diffusers import ZImageControlNetModel
+
+    config = {k: v for k, v in zimage.CONTROLNET_21_CONFIG.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        state = ZImageControlNetModel(**config).state_dict()
+    # The pinned 2.1 file: 295 tensors, 3,356,225,792 parameters (6,712,485,600 bytes of bf16 with its header).
+    assert len(state) == 295
+    assert sum(t.numel() for t in state.values()) == 3_356_225_792
+
+
+def test_the_tiny_file_is_detected_as_21_and_converted(tiny, pipe):
+    _, file = tiny
+    assert zimage.controlnet_version(file) == zimage.CONTROLNET_VERSION
+    # Bound to the transformer: the ControlNet runs on the base's own embedders and refiners.
+    assert pipe.controlnet.noise_refiner is pipe.transformer.noise_refiner
+    assert len(pipe.controlnet.control_layers) == 15
+
+
+def test_other_files_are_refused_by_what_they_are(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, file = tiny
+    state = load_file(str(file))
+    state["control_noise_refiner.0.before_proj.weight"] = torch.zeros_like(state["control_noise_refiner.0.before_proj.weight"])
+    older = tmp_path / "older.safetensors"
+    save_file(state, str(older))
+    with pytest.raises(zimage.ZImageWeightsError, match="is z-image-turbo-controlnet-2.0, not the Fun ControlNet Union 2.1"):
+        zimage.load_controlnet(older, file.parent)
+    other = tmp_path / "other.safetensors"
+    save_file({"some.weight": torch.ones(2)}, str(other))
+    with pytest.raises(zimage.ZImageWeightsError, match="is not a Z-Image-Turbo ControlNet"):
+        zimage.load_controlnet(other, file.parent)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    with pytest.raises(zimage.ZImageWeightsError, match="broken.safetensors is not a readable .safetensors file"):
+        zimage.load_controlnet(broken, file.parent)
+
+
+def test_the_controlnet_and_its_scale_change_the_output(pipe, control):
+    default = generate(pipe, control)
+    assert default.shape == (1, SIZE, SIZE, 3) and np.isfinite(default).all()
+    assert np.array_equal(default, generate(pipe, control))  # same seed, same pixels
+    off = generate(pipe, control, controlnet_conditioning_scale=0.0)
+    weaker = generate(pipe, control, controlnet_conditioning_scale=0.3)
+    assert not np.array_equal(default, off) and not np.array_equal(default, weaker) and not np.array_equal(weaker, off)
+    flipped = generate(pipe, control.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert not np.array_equal(default, flipped)  # the control image itself steers
+
+
+def test_the_control_window(pipe, control):
+    plain = generate(pipe, control)
+    with zimage.control_window(pipe, 0.0, 1.0):
+        assert np.array_equal(generate(pipe, control), plain)  # the default window: diffusers' own pipeline
+    with zimage.control_window(pipe, 1.0, 1.0):
+        empty = generate(pipe, control)
+    assert np.array_equal(empty, generate(pipe, control, controlnet_conditioning_scale=0.0))  # no step: no ControlNet
+    with zimage.control_window(pipe, 0.0, 0.5):
+        half = generate(pipe, control)
+    assert not np.array_equal(half, plain) and not np.array_equal(half, empty)
+    assert np.array_equal(generate(pipe, control), plain)  # the block leaves the pipeline as it was
+
+
+def test_the_window_is_restored_when_the_call_fails(pipe):
+    with pytest.raises(RuntimeError, match="boom"):
+        with zimage.control_window(pipe, 0.2, 0.6):
+            raise RuntimeError("boom")
+    assert "forward" not in vars(pipe.controlnet)
+
+
+def test_kept_steps_follow_diffusers_rule():
+    # The note's figure: 8 steps ending at 0.8 keep steps 0-5, as SD's ControlNets do.
+    assert zimage.kept_steps(8, 0.0, 0.8) == [True] * 6 + [False] * 2
+    assert zimage.kept_steps(4, 0.25, 1.0) == [False, True, True, True]
+    assert not any(zimage.kept_steps(8, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("height, width", [(1024, 1024), (3000, 4000), (600, 2400), (1, 1)])
+def test_sizes_are_about_a_megapixel_in_the_models_multiples(height, width):
+    h, w = zimage.plan_size(height, width)
+    assert h % 16 == 0 and w % 16 == 0
+    if height > 1:
+        assert abs(h * w / 2**20 - 1) < 0.05
+        assert abs((w / h) / (width / height) - 1) < 0.05
+    with pytest.raises(ValueError, match="has no aspect"):
+        zimage.plan_size(0, 10)
+
+
+def test_inpainting_shares_the_modules(pipe):
+    inpaint = zimage.inpaint_pipeline(pipe)
+    assert inpaint.transformer is pipe.transformer and inpaint.controlnet is pipe.controlnet and inpaint.vae is pipe.vae
