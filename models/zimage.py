@@ -176,3 +176,56 @@ def plan_size(height: int, width: int, megapixels: float = 1.0, multiple: int = 
     scale = math.sqrt(area / (height * width))
     return (max(multiple, round(height * scale / multiple) * multiple),
             max(multiple, round(width * scale / multiple) * multiple))
+
+
+class ZImageRunner:
+    """Control units in, samples out, on a loaded ZImageControlNetPipeline: the SD 1.5 runner's interface
+    (`generate(units, request)` with models.pipeline's Request and Result), so the request path is the same
+    for both families. One unit (the Union ControlNet reads one map, whatever its condition); inpainting
+    when the request has a mask (its photo and mask at the sample size); guidance above 0 turns on
+    classifier-free guidance and with it the negative prompt."""
+
+    def __init__(self, pipe, log=print):
+        self.pipe = pipe
+        self.log = log
+        self._inpaint = None
+
+    def pipeline_for(self, mode: str):
+        if mode == "txt2img":
+            return self.pipe
+        if mode != "inpaint":
+            raise ValueError(f"{mode} is not served with Z-Image-Turbo: send mask_image to inpaint, or no edit input")
+        if self._inpaint is None:
+            self._inpaint = inpaint_pipeline(self.pipe)
+        return self._inpaint
+
+    def generate(self, units, request):
+        import time
+
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from models.pipeline import Result, check_finite, progress_callback
+
+        unit, timings = units[0], {}
+        pipe = self.pipeline_for(request.mode)
+        height, width = unit.map.shape[:2]
+        inputs = dict(
+            prompt=request.prompt, height=height, width=width, num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale, control_image=Image.fromarray(unit.map[..., :3]),
+            controlnet_conditioning_scale=unit.strength, num_images_per_prompt=request.num_samples,
+            negative_prompt=request.negative_prompt if request.guidance_scale > 0 and request.negative_prompt else None,
+            # A CPU generator gives the same noise for a seed on any device.
+            generator=torch.Generator(device="cpu").manual_seed(request.seed),
+            callback_on_step_end=progress_callback(self.log), output_type="np",
+        )
+        if request.mode == "inpaint":
+            inputs.update(image=Image.fromarray(request.init_image),
+                          mask_image=Image.fromarray(np.where(request.mask, np.uint8(255), np.uint8(0))))
+        start = time.perf_counter()
+        with torch.inference_mode(), control_window(pipe, unit.start, unit.end):
+            pixels = pipe(**inputs).images
+        check_finite(torch.from_numpy(np.asarray(pixels)), "denoising and decoding")
+        timings["denoise + decode"] = time.perf_counter() - start
+        return Result([Image.fromarray((np.clip(p, 0, 1) * 255).round().astype(np.uint8)) for p in pixels], timings)

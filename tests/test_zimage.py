@@ -131,3 +131,31 @@ def test_sizes_are_about_a_megapixel_in_the_models_multiples(height, width):
 def test_inpainting_shares_the_modules(pipe):
     inpaint = zimage.inpaint_pipeline(pipe)
     assert inpaint.transformer is pipe.transformer and inpaint.controlnet is pipe.controlnet and inpaint.vae is pipe.vae
+
+
+def test_the_runner_takes_the_sd15_runners_units_and_request(pipe, control):
+    from models.control import ControlUnit
+    from models.pipeline import Request
+
+    lines = []
+    runner = zimage.ZImageRunner(pipe, log=lines.append)
+    unit = ControlUnit(None, map=np.asarray(control), strength=0.75)
+    request = Request(prompt="a cozy house", num_samples=2, steps=STEPS, guidance_scale=0.0, seed=7)
+    result = runner.generate([unit], request)
+    assert [img.size for img in result.samples] == [(SIZE, SIZE)] * 2
+    again = runner.generate([unit], request)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.samples, again.samples))
+    assert lines[0].startswith("step 1/3") and lines[-1].startswith("step 3/3")
+    # Guidance above 0 reads the negative prompt; at 0 the pipeline runs without one.
+    guided = [Request(prompt="a cozy house", negative_prompt=n, steps=STEPS, guidance_scale=2.0, seed=7) for n in ("", "dark")]
+    plain, negative = (np.asarray(runner.generate([unit], r).samples[0]) for r in guided)
+    assert not np.array_equal(plain, negative)
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[: SIZE // 2] = True
+    photo = np.full((SIZE, SIZE, 3), 200, np.uint8)
+    inpainted = runner.generate([unit], Request(prompt="a cozy house", steps=STEPS, guidance_scale=0.0, seed=7,
+                                                init_image=photo, mask=mask))
+    assert inpainted.samples[0].size == (SIZE, SIZE)
+    assert not np.array_equal(np.asarray(inpainted.samples[0]), np.asarray(result.samples[0]))
+    with pytest.raises(ValueError, match="img2img is not served with Z-Image-Turbo"):
+        runner.generate([unit], Request(prompt="a", steps=STEPS, seed=7, init_image=photo))
