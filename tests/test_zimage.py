@@ -3,6 +3,8 @@ single file through diffusers' detection and conversion, other files are refused
 window behaves as on SD 1.5 (the full window changes nothing, an empty one is no ControlNet), sizes follow
 the model's multiples. Tiny random weights in the real layout, CPU."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,62 @@ def test_the_runner_takes_the_sd15_runners_units_and_request(pipe, control):
     assert not np.array_equal(np.asarray(inpainted.samples[0]), np.asarray(result.samples[0]))
     with pytest.raises(ValueError, match="img2img is not served with Z-Image-Turbo"):
         runner.generate([unit], Request(prompt="a", steps=STEPS, seed=7, init_image=photo))
+
+
+# -- its weights: the manifest's family, the real layout, the download's config --------------------------
+
+def test_the_zimage_image_is_a_family_with_its_own_base_controlnet_and_our_detectors():
+    import weights
+
+    assert "zimage" in weights.IMAGES and "zimage" not in weights.CONDITIONS
+    assert weights.conditions_of("zimage") == ("canny", "depth", "hed", "hough", "pose")
+    roles = weights.components("zimage")
+    assert roles["base"] == "z-image-turbo" and roles["controlnet"] == "z-image-turbo-fun-controlnet-union-2.1"
+    # Each condition's own detector (canny has none: OpenCV), at its default version.
+    assert {r for r in roles if r.endswith(".detector")} == {"depth.detector", "hed.detector", "hough.detector",
+                                                            "pose.detector"}
+    assert roles["depth.detector"] == weights.components("depth")["detector"]
+    found = weights.locate("zimage", prefer="tiny")
+    assert found.of("canny").folders == {"base": found.base}  # served, with no folder of its own
+    assert found.of("pose").detector == found.folders["pose.detector"]
+    with pytest.raises(ValueError, match="serves no condition 'seg'"):
+        found.of("seg")
+
+
+def test_the_tiny_weights_are_the_real_layout(tiny_weights):
+    import json
+
+    import weights
+
+    found = weights.locate("zimage", prefer="tiny")
+    index = json.loads((found.base / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "ZImageTransformer2DModel"] and index["vae"][1] == "AutoencoderKL"
+    spec = weights.MANIFEST["components"]["z-image-turbo-fun-controlnet-union-2.1"]
+    (file,) = spec["files"]
+    assert zimage.controlnet_version(found.controlnet / file) == zimage.CONTROLNET_VERSION
+
+
+def test_the_download_writes_the_converters_config_beside_the_file(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub
+
+    import weights
+    import weights.download as download
+
+    name = "z-image-turbo-fun-controlnet-union-2.1"
+    spec = weights.MANIFEST["components"][name]
+    monkeypatch.setattr(download, "check_reachable", lambda url, what: None)
+    monkeypatch.setattr(download, "check_digests", lambda *args: None)  # the stand-in's bytes are not the file's
+
+    def snapshot_download(repo_id, revision, allow_patterns, local_dir):
+        assert (repo_id, revision) == (spec["repo"], spec["revision"])
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        for rel in allow_patterns:
+            (Path(local_dir) / rel).write_text("the file")
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    download.download_component(name, tmp_path / name)
+    assert json.loads((tmp_path / name / "config.json").read_text()) == zimage.CONTROLNET_21_CONFIG
+    assert weights.is_complete(tmp_path / name, name, tiny=False)

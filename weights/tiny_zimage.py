@@ -62,7 +62,21 @@ def write_tokenizer(folder: Path) -> int:
     return len(tokens) + len(SPECIAL)
 
 
-def write_base(folder: Path) -> None:
+def _own_rng(write):
+    """Module constructors draw from torch's global generator: writing these must leave it as it was, or
+    the tiny weights written after them (the untrained ControlNet's unseeded embedding) would change."""
+    import functools
+
+    @functools.wraps(write)
+    def wrapped(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return write(*args, **kwargs)
+
+    return wrapped
+
+
+@_own_rng
+def write_base(folder: Path, name: str = "z-image-turbo") -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
@@ -91,7 +105,8 @@ def write_base(folder: Path) -> None:
     ).save_pretrained(str(folder))
 
 
-def write_controlnet(folder: Path) -> Path:
+@_own_rng
+def write_controlnet(folder: Path, name: str = "z-image-turbo-fun-controlnet-union-2.1") -> Path:
     """The ControlNet as the original single file: its state dict under the original key names (which
     are diffusers' for this model: the converter renames nothing for 2.1)."""
     from diffusers import ZImageControlNetModel
