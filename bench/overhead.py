@@ -64,7 +64,7 @@ def control_map(width: int, height: int):
 
 
 def _median(fn, runs: int) -> float:
-    from bench.run import stats
+    from bench.common import stats
 
     times = []
     for _ in range(runs):
@@ -136,7 +136,7 @@ def measure_encoding(runs: int) -> dict:
 # -- the floor app ------------------------------------------------------------------------------------
 
 # How the floor app writes its answer: the stdlib's json (the issue's floor), or orjson as the served
-# answers are now written (cog_base/serving.py), so that the floor is never the slower serialiser.
+# answers are now written (cog_base/cog016/serving.py), so that the floor is never the slower serialiser.
 FLOOR_JSON = ("stdlib", "orjson")
 
 
@@ -232,7 +232,7 @@ def measure_http(env: dict, warmup: int, runs: int, log_dir: Path) -> dict:
     orjson, ours, ...) so that a change of the machine's speed moves all of them; each shape in turn."""
     import requests
 
-    from bench.run import stats
+    from bench.common import stats
     from scripts.cog_server import CogServer
 
     buf = io.BytesIO()

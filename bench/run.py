@@ -16,7 +16,6 @@ Timing: CUDA events for the stages on a GPU (after warm-up), wall time around wh
 
 from __future__ import annotations
 
-import argparse
 import base64
 import gc
 import io
@@ -28,27 +27,14 @@ import time
 from pathlib import Path
 
 from bench import startup
+from bench import common
+from bench.common import PROMPT, ROOT, SEED, prepare_weights, stats  # noqa: F401  (bench/device.py reads them here)
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "a cozy cottage with a red roof, photorealistic, golden hour"
-SEED = 12345
 MATCH_MAX, MATCH_MEAN = 8, 1.0  # fast vs plain, uint8 pixel units, on a GPU (fp16 reorderings)
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=("full", "tiny"), default="full")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--steps", type=int, nargs="+", default=[20, 30, 50], help="first one is the headline")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per measurement")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up runs (10 are used when compiled)")
-    p.add_argument("--resolution", type=int, default=512, choices=(256, 512, 768))
-    p.add_argument("--fast", default="all", help="models/fast.py options to time against the plain path ('' = skip)")
-    p.add_argument("--lossy", type=int, nargs="*", default=[10, 15], help="fewer-step variants for the lossy table")
-    p.add_argument("--skip", nargs="*", default=[], choices=("baseline", "server", "samples4", "fast", "lossy", "units", "startup", "overhead"))
-    p.add_argument("--weights-root", type=Path, default=None, help="full size: where bench/weights.py writes")
-    p.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md")
-    return p.parse_args(argv)
+    return common.parse(argv, __doc__)
 
 
 class Clock:
@@ -79,13 +65,6 @@ class Clock:
         if self.cuda:
             self.torch.cuda.synchronize()
         return out, (time.perf_counter() - start) * 1e3
-
-
-def stats(ms: list[float]) -> dict:
-    import numpy as np
-
-    a = np.asarray(ms, dtype=float)
-    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "min_ms": float(a.min()), "runs": len(a)}
 
 
 def repeat(fn, clock_fn, warmup: int, runs: int) -> dict:
@@ -140,6 +119,7 @@ def measure_predictor(args, clock, image: Path, results: dict) -> None:
     import torch
     from PIL import Image
 
+    import weights
     from models import fast
     from models.image import load_rgb
     from predictors.canny.predict import Predictor
@@ -188,7 +168,7 @@ def measure_predictor(args, clock, image: Path, results: dict) -> None:
 
     options = fast.options_from_env(args.fast) if args.fast and "fast" not in args.skip else ()
     if options:
-        _, ms = clock.wall(fast.apply, pipe, options)
+        _, ms = clock.wall(fast.apply, pipe, options, cache_root=weights.root())
         results["fast_options"] = list(options)
         warm = max(args.warmup, 10) if "compile" in options else args.warmup
         _, ms_warm = clock.wall(lambda: [predictor.generate(ddim_steps=n, **generate_kwargs) for n in args.steps])
@@ -473,23 +453,6 @@ def check(r: dict) -> list[str]:
     if r.get("fast_match") and not r["fast_match"]["ok"]:
         problems.append(f"fast path does not match the plain path: {r['fast_match']}")
     return problems
-
-
-def prepare_weights(args) -> dict:
-    """The weights of --size written where needed; the environment that makes the loader find them (set here too)."""
-    if args.size == "full":
-        from bench import weights as bench_weights
-
-        root = (args.weights_root or bench_weights.DEFAULT_ROOT).resolve()
-        bench_weights.write(root)
-        env = {"CONTROLNET_WEIGHTS_DIR": str(root), "CONTROLNET_WEIGHTS": "real"}
-    else:
-        import weights.tiny
-
-        weights.tiny.main([])
-        env = {"CONTROLNET_WEIGHTS": "tiny"}
-    os.environ.update(env)
-    return env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,7 +84,7 @@ def floor(folders: list[Path], dtype, keep: bool = False) -> float:
 def weights_vs_floor(ws, device: str, runs: int) -> dict:
     import gc
 
-    from bench.run import stats
+    from bench.common import stats
     from models.pipeline import _dtype, load_pipeline
 
     floors, kept, loads = [], [], []
@@ -139,7 +139,7 @@ def per_request(ws, device: str, steps: int, runs: int) -> dict:
     import torch
     from PIL import Image
 
-    from bench.run import PROMPT, SEED, stats
+    from bench.common import PROMPT, SEED, stats
     from cog_base import A_PROMPT, N_PROMPT
     from models import fast
     from models.pipeline import ControlNetRunner, Request, load_pipeline
@@ -259,14 +259,14 @@ def check(r: dict) -> list[str]:
 def main(argv=None) -> int:
     import json
 
-    from bench import run
+    from bench import common
 
-    args = run.parse(argv)
+    args = common.parse(argv)
     args.skip = [name for name in args.skip if name != "startup"]
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    env = run.prepare_weights(args)
+    env = common.prepare_weights(args)
     args.out = args.out or ROOT / "build" / "bench" / f"startup-{args.size}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}

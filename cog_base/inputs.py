@@ -7,10 +7,13 @@ Values stay literal here because that parser reads literals, not module constant
 
 The first group and its defaults are jagilley/controlnet-*'s, so their clients switch unchanged;
 every input after it is optional, and its default reproduces the jagilley behaviour exactly.
-Only cog is imported: the HTTP process imports the predictor module just to read its schema.
+Only cog and the standard-library-only models.request are imported: the HTTP process imports the
+predictor module just to read its schema.
 """
 
 from cog import Input
+
+from models.request import InputSpec
 
 
 class Inputs:
@@ -247,21 +250,26 @@ UNIT_SLOT = ("controlnet_{n}", "controlnet_{n}_image", "controlnet_{n}_condition
              "controlnet_{n}_end", "controlnet_{n}_image_is_map")
 MAX_UNITS = 3
 
-# Each choice input's choices, recorded at import: building a schema in this process (Cog's
-# get_input_type: the HTTP process, a test) pops "enum" out of the Input's own json_schema_extra, after
-# which the entry no longer says what it allows. Keyed by the entry, as aliases share one.
-_ENTRIES = {id(entry): entry for entry in vars(Inputs).values() if hasattr(entry, "json_schema_extra")}
-CHOICES = {
-    key: tuple(entry.json_schema_extra["enum"]) for key, entry in _ENTRIES.items()
-    if isinstance(entry.json_schema_extra, dict) and "enum" in entry.json_schema_extra
-}
 
 
-def restore_choices() -> None:
-    """Put back the "enum" a schema build took: a second build in one process (tests build one per
-    image) would otherwise serve choice inputs as free strings."""
-    for key, choices in CHOICES.items():
-        entry = _ENTRIES[key]
-        for extra in (entry.json_schema_extra, getattr(entry, "_attributes_set", {}).get("json_schema_extra")):
-            if isinstance(extra, dict):
-                extra["enum"] = list(choices)
+def read(entry) -> InputSpec:
+    """An entry's default, bounds and choices as plain data: the one place that reads Cog's `Input`
+    (a pydantic FieldInfo) inside. Read at import, before a schema build can change an entry (Cog
+    0.16.12 pops "enum" out of it: see cog_base/cog016/choices.py)."""
+    extra = entry.json_schema_extra if isinstance(entry.json_schema_extra, dict) else {}
+    choices = extra.get("enum")
+    return InputSpec(
+        default=None if entry.is_required() else entry.default,
+        low=next((m.ge for m in entry.metadata if hasattr(m, "ge")), None),
+        high=next((m.le for m in entry.metadata if hasattr(m, "le")), None),
+        choices=tuple(choices) if choices is not None else None,
+    )
+
+
+# Keyed by the entry, as aliases share one.
+_SPECS = {id(entry): read(entry) for entry in vars(Inputs).values() if hasattr(entry, "json_schema_extra")}
+
+
+def spec_of(entry) -> InputSpec:
+    """The registry entry's spec, as read at import."""
+    return _SPECS[id(entry)]

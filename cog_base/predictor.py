@@ -22,7 +22,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,14 +29,15 @@ from typing import Any, ClassVar
 from cog import BasePredictor, Path
 
 import weights
-from cog_base.inputs import CHOICES, CONTROLS, JAGILLEY_INPUTS, MAX_UNITS, SHARED_CONTROLS, SHARED_HEAD, Inputs
-from cog_base.request import SINGLE_UNIT_INPUTS, Asked, UnitAsk, asked, check, slot_inputs
+from cog_base.inputs import CONTROLS, JAGILLEY_INPUTS, MAX_UNITS, SHARED_CONTROLS, SHARED_HEAD, Inputs, spec_of
+from cog_base.runtime import remove_on_worker_stop
+from models.request import Asked, UnitAsk, asked, check, single_image, single_unit, slot_units
 
 # Serving never downloads: every weight comes from a local folder (see weights/).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-A_PROMPT = Inputs.a_prompt.default
-N_PROMPT = Inputs.n_prompt.default
+A_PROMPT = spec_of(Inputs.a_prompt).default
+N_PROMPT = spec_of(Inputs.n_prompt).default
 # A parameter may take another registry entry than its own name's: hed's `image` is optional
 # because its clients may send `input_image` instead.
 ALIASES = {"image": ("image_or_input_image",)}
@@ -45,7 +45,7 @@ ALIASES = {"image": ("image_or_input_image",)}
 IMAGE_INPUTS = ("input_image",)
 # The input that picks the unit's ControlNet version (and with it the detector): not a detector option either.
 VERSION_INPUT = "controlnet_version"
-DEFAULT_VERSION = Inputs.controlnet_version.default
+DEFAULT_VERSION = spec_of(Inputs.controlnet_version).default
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,6 @@ class UnexpectedError(RuntimeError):
 
 def _registry_name(default: Any) -> str | None:
     return next((name for name, value in vars(Inputs).items() if value is default), None)
-
-
-def _default(entry) -> Any:
-    return None if entry.is_required() else entry.default
 
 
 class ControlNetPredictor(BasePredictor):
@@ -172,7 +168,7 @@ class ControlNetPredictor(BasePredictor):
             return options
         declared = cls.versions[version]
         for name in [n for n in options if declared.options is not None and n not in (*declared.options, "detect_resolution")]:
-            if options.pop(name) != cls.fields[name].default:
+            if options.pop(name) != spec_of(cls.fields[name]).default:
                 raise ValueError(f"{name} does not apply to {VERSION_INPUT} {version} (its detector has no such "
                                  f"option): leave it at its default, or send {VERSION_INPUT} {DEFAULT_VERSION}")
         return {**options, **declared.fixed_options}
@@ -204,7 +200,7 @@ class ControlNetPredictor(BasePredictor):
             print(f"{self.condition}: {self.cog_weights} from COG_WEIGHTS ({_display(custom)})", flush=True)
         pipe = load_pipeline(self.weights.base, folders["controlnet_dir"], base_override=folders["base_override"])
         # The exact options by default, the others opt-in (models/fast.py); an unknown name fails setup.
-        fast_options = fast.apply(pipe, fast.options_from_env())
+        fast_options = fast.apply(pipe, fast.options_from_env(), cache_root=weights.root())
         self.styles = StyleAssets(pipe)
         self.runner = self._runner(pipe)
         self.runner.controlnets.prepare = fast.per_model(fast_options)  # ControlNets loaded on first use
@@ -277,19 +273,6 @@ class ControlNetPredictor(BasePredictor):
                     declared.map_interpolation or spec.map_interpolation, check, controlnet=controlnet,
                 )
         return versioned
-
-    def condition_of(self, ask: UnitAsk):
-        """The Condition a unit uses: its condition at its ControlNet version."""
-        if ask.version == DEFAULT_VERSION:
-            return self.conditions[ask.condition]
-        found = self.versioned.get((ask.condition, ask.version))
-        if found is None:
-            raise ValueError(
-                f"{VERSION_INPUT} {ask.version} is not available on this server: its weights lack the {ask.condition} "
-                f"ControlNet {ask.version} (the operator runs `make weights COND={self.condition}`). Send "
-                f"{VERSION_INPUT} {DEFAULT_VERSION}"
-            )
-        return found
 
     def warm_up_inputs(self, image: Path) -> dict[str, Any]:
         """The inputs of a warm-up request besides its size, for this image's signature."""
@@ -369,55 +352,28 @@ class ControlNetPredictor(BasePredictor):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    # -- the request path: validate, plan the size, make the maps, sample, encode -------------------
+    # -- a request: validate, run the request path (models/generate.py), say what went wrong ---------
 
     def generate(self, *args, **inputs) -> list[Path]:
         """predict()'s inputs as plain values (positional in the signature's order, or by name; the
         registry's defaults for the rest). Returns the control maps (unless return_control_map is
         off), then the samples, as files of output_format (PNG by default)."""
-        from models.assets import AssetError
-        from models.image import InputImageError
-        from models.pipeline import NonFiniteOutputError
+        from models.generate import RequestError, ServerFault, Served
+        from models.generate import generate as run
 
         request = self.validate(args, inputs)
         if self.weights.tiny:
             print(self.tiny_warning())
-        print(f"Using seed: {request.seed}", flush=True)
-        timings: dict[str, float] = {}
-        size = None
+        specs = self.condition_specs()
+        served = Served(self.condition, self.runner, self.styles, self.assets, self.conditions, self.versioned,
+                        frozenset(name for name, spec in specs.items() if spec.map_takes_mask),
+                        default_version=DEFAULT_VERSION, detect_resolution=spec_of(Inputs.detect_resolution).default)
         try:
-            style = self._fetch_style(request, timings)
-            images, size = self._plan(request, timings)
-            edit = self._plan_edit(request, images, size, timings)
-            units = self._control_maps(request, images, size.generate, timings, edit)
-            maps = self._encode_maps(request, units)  # while the pipeline runs
-            samples = [] if request.preprocess_only else self._sample(request, units, size.output, style, timings, edit)
-        except (InputImageError, AssetError) as exc:
-            if isinstance(exc, AssetError):
-                self.assets.forget(request.lora_url, request.embedding_url)  # a failed file is not kept under its URL
+            return [Path(file) for file in run(request, served, self._new_output_dir())]
+        except RequestError as exc:
             raise ValueError(str(exc)) from None
-        except NonFiniteOutputError as exc:
-            lora, embedding = request.lora_url, request.embedding_url
-            if lora or embedding:  # checked files can still be too strong for this model
-                used = " and ".join(name for name, given in (("lora_url", lora), ("embedding_url", embedding)) if given)
-                raise ValueError(
-                    f"the model produced non-finite values (NaN/inf) with this request's {used}, the likely cause: "
-                    "try a lower lora_scale, or another file" if lora else
-                    f"the model produced non-finite values (NaN/inf) with this request's {used}, the likely cause: "
-                    "send another embedding"
-                ) from None
+        except ServerFault as exc:
             raise ExpectedFault(str(exc)) from None
-        except Exception as exc:
-            if type(exc).__name__ != "OutOfMemoryError":
-                raise
-            import torch
-
-            torch.cuda.empty_cache()  # leave the server usable for the next, smaller request
-            at = f" at {size.generate[1]}x{size.generate[0]}" if size else ""
-            raise ExpectedFault(
-                f"out of GPU memory for {request.num_samples} sample(s){at}; ask for fewer samples or a lower resolution"
-            ) from None
-        return self._encode(request, maps, samples, timings)
 
     def validate(self, args: tuple, inputs: dict[str, Any]) -> Asked:
         """Every input against its registry entry, then the rules that tie inputs together."""
@@ -432,169 +388,16 @@ class ControlNetPredictor(BasePredictor):
                             f"{self.condition} takes {', '.join(names)}")
         values.update(inputs)
         for name, entry in self.fields.items():
-            values[name] = check(name, values[name], entry, CHOICES.get(id(entry))) if name in values else _default(entry)
+            values[name] = check(name, values[name], spec_of(entry)) if name in values else spec_of(entry).default
         return asked(values, self.units_asked(values))
 
     def units_asked(self, values: dict[str, Any]) -> tuple[UnitAsk, ...]:
         """A single-condition image's one unit, from the unit inputs among the shared ones."""
-        image, input_image = values["image"], values.get("input_image")
+        image = single_image(values)
         version = values.get(VERSION_INPUT, DEFAULT_VERSION)
-        if (image is None) == (input_image is None):
-            raise ValueError("send the image as exactly one of `image` or `input_image`" if image is not None
-                             else "image is required: send it as `image` (a URL or data: URI)")
-        return (UnitAsk(
-            self.condition, image if image is not None else input_image, values["controlnet_conditioning_scale"],
-            values["control_guidance_start"], values["control_guidance_end"], values["control_image_is_map"],
-            self.version_options(values, version), SINGLE_UNIT_INPUTS, version=version,
-        ),)
+        return single_unit(values, self.condition, image, self.version_options(values, version), version)
 
-    def _fetch_style(self, request: Asked, timings: dict) -> tuple:
-        """The LoRA and embedding asked for, as StyleAssets.applied() takes them (nothing to preprocess)."""
-        start = time.perf_counter()
-        wanted = not request.preprocess_only
-        lora = self.assets.fetch(request.lora_url, "lora_url") if request.lora_url and wanted else None
-        embedding = self.assets.fetch(request.embedding_url, "embedding_url") if request.embedding_url and wanted else None
-        if embedding and request.embedding_token not in request.user_prompt:
-            print(f"Note: the prompt does not use embedding_token {request.embedding_token!r}, so the embedding has no effect")
-        if lora or embedding:
-            timings["fetch assets"] = time.perf_counter() - start
-        return lora, request.lora_url or None, request.lora_scale, embedding, request.embedding_token
-
-    def _plan(self, request: Asked, timings: dict):
-        """Each unit's image decoded, the sizes planned from the first unit's, and every image
-        centre-cropped to that aspect (the first one only when an exact size asks for another)."""
-        from models.image import InputImageError, apply_crop, load_rgb, plan_size
-
-        start = time.perf_counter()
-        decoded = []
-        for unit in request.units:
-            try:
-                decoded.append(load_rgb(unit.image))
-            except InputImageError as exc:
-                name = unit.inputs["image"]
-                raise InputImageError(str(exc) if name == "image" else f"{name}: {exc}") from None
-        timings["decode input"] = time.perf_counter() - start
-        size = plan_size(*decoded[0].shape[:2], request.image_resolution, request.width, request.height)
-        (out_h, out_w), (gen_h, gen_w) = size.output, size.generate
-        what = ("control map only" if request.preprocess_only
-                else f"{request.num_samples} sample(s), {request.scheduler}, {request.steps} steps")
-        print(
-            f"Input {decoded[0].shape[1]}x{decoded[0].shape[0]} -> {gen_w}x{gen_h}"
-            + (f", returned at {out_w}x{out_h}" if size.output != size.generate else "")
-            + (" (centre-cropped to that aspect)" if size.crop else "")
-            + f"; {what}",
-            flush=True,
-        )
-        crops = [apply_crop(decoded[0], size)]
-        for rgb in decoded[1:]:
-            crops.append(apply_crop(rgb, plan_size(*rgb.shape[:2], request.image_resolution, out_w, out_h)))
-        return crops, size
-
-    def _plan_edit(self, request: Asked, images: list, size, timings: dict):
-        """The edit's photo and mask decoded and sized by the request's size plan (models.image.plan_edit);
-        None from noise. preprocess_only generates nothing: the edit inputs are ignored, but for a map made
-        from the mask (map_takes_mask)."""
-        from models.image import InputImageError, load_mask, load_rgb, plan_edit
-
-        specs = self.condition_specs()
-        map_mask = request.mask_image is not None and any(specs[u.condition].map_takes_mask for u in request.units)
-        editing = request.init_image is not None or request.mask_image is not None
-        if request.preprocess_only and editing:
-            print("preprocess_only: no image is generated, so init_image, strength and mask_blur are ignored"
-                  + ("" if map_mask else ", and mask_image"), flush=True)
-        if request.mode == "txt2img" and not map_mask:
-            return None
-        start = time.perf_counter()
-        source, name = request.edit_source
-        try:
-            photo = images[0] if source is request.units[0].image or request.preprocess_only else load_rgb(source)
-        except InputImageError as exc:
-            raise InputImageError(f"{name}: {exc}") from None
-        try:
-            mask = load_mask(request.mask_image) if request.mask_image is not None else None
-            plan = plan_edit(photo, size, images[0].shape[:2], mask, request.mask_blur)
-        except InputImageError as exc:
-            text = str(exc)
-            raise InputImageError(text if text.startswith("mask_image") else f"mask_image: {text}") from None
-        timings["decode edit"] = time.perf_counter() - start
-        if request.mode != "txt2img":
-            share = "" if plan.mask is None else f", {plan.mask.mean():.0%} masked, mask_blur {request.mask_blur}"
-            print(f"{request.mode} of {name}, strength {request.strength}{share}", flush=True)
-        return plan
-
-    def _control_maps(self, request: Asked, images: list, size: tuple[int, int], timings: dict, edit=None) -> list:
-        """Each unit's map at the sample size: its detector's, or its upload's when it is a map."""
-        from models.control import ControlUnit, NotAMapError
-
-        start = time.perf_counter()
-        specs = self.condition_specs()
-        units = []
-        for ask, rgb in zip(request.units, images):
-            options = dict(ask.options)
-            if edit is not None and edit.mask is not None and specs[ask.condition].map_takes_mask:
-                options["mask"] = edit.mask
-            unit = ControlUnit(self.condition_of(ask), rgb, ask.strength, ask.start, ask.end, ask.is_map,
-                               options.pop("detect_resolution", Inputs.detect_resolution.default), options)
-            try:
-                unit.make_map(size)
-            except NotAMapError as exc:
-                flag = ask.inputs["is_map"]
-                raise ValueError(f"{flag} is on, but {exc}. Send a {ask.condition} map, or turn {flag} off to run "
-                                 "the detector on a photo") from None
-            units.append(unit)
-        timings["detect"] = time.perf_counter() - start
-        return units
-
-    def _sample(self, request: Asked, units: list, output: tuple[int, int], style: tuple, timings: dict,
-                edit=None) -> list:
-        """The samples at the returned size; an inpaint's composited onto the photo (its unmasked pixels kept)."""
-        import numpy as np
-        from PIL import Image
-
-        from models.pipeline import Request
-
-        editing = edit is not None and request.mode != "txt2img"
-
-        start = time.perf_counter()
-        lora, embedding = style[0], style[3]
-        with self.styles.applied(*style):
-            if lora or embedding:
-                timings["load LoRA/embedding"] = time.perf_counter() - start
-            result = self.runner.generate(units, Request(
-                prompt=request.prompt, negative_prompt=request.negative_prompt, num_samples=request.num_samples,
-                steps=request.steps, guidance_scale=request.scale, eta=request.eta, seed=request.seed,
-                scheduler=request.scheduler, guess_mode=request.guess_mode,
-                init_image=edit.init if editing else None, mask=edit.mask if editing else None,
-                strength=request.strength,
-            ))
-        timings.update(result.timings)
-        samples = [_resize_exact(img, output[1], output[0]) for img in result.samples]
-        if not editing or edit.feather is None:
-            return samples
-        return [Image.fromarray(edit.composite(np.asarray(img))) for img in samples]
-
-    def _encode_maps(self, request: Asked, units: list) -> list:
-        """The control maps' files, being written on the encoding pool (models/encode.py)."""
-        from PIL import Image
-
-        self._new_output_dir()
-        if not request.return_control_map:
-            return []
-        return [self._save(ask.label, Image.fromarray(unit.map), request) for ask, unit in zip(request.units, units)]
-
-    def _encode(self, request: Asked, maps: list, samples: list, timings: dict) -> list[Path]:
-        start = time.perf_counter()
-        pending = maps + [self._save(f"sample-{i}", img, request) for i, img in enumerate(samples, start=1)]
-        paths = [Path(future.result()) for future in pending]
-        timings["encode"] = time.perf_counter() - start
-        print(
-            "Timings: " + ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in timings.items())
-            + f"; total {sum(timings.values()):.2f}s",
-            flush=True,
-        )
-        return paths
-
-    def _new_output_dir(self) -> None:
+    def _new_output_dir(self) -> str:
         # Cog reads the files after predict returns, so they live until the next prediction.
         if self._output_dir:
             shutil.rmtree(self._output_dir, ignore_errors=True)
@@ -602,15 +405,7 @@ class ControlNetPredictor(BasePredictor):
         self._output_dir = tempfile.mkdtemp(prefix=f"controlnet-{self.condition}-")
         # The last prediction's files go with the process (or with this predictor), not left in /tmp.
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._output_dir, ignore_errors=True)
-        self._output_tag = uuid.uuid4().hex[:8]
-
-    def _save(self, name: str, img, request: Asked):
-        """One output's file, in the format asked, as a Future of its path. Unique names because
-        --upload-url PUTs them by basename."""
-        from models import encode
-
-        stem = os.path.join(self._output_dir, f"{self._output_tag}-{name}")
-        return encode.submit(img, stem, request.output_format, request.output_quality)
+        return self._output_dir
 
 
 class MultiControlNetPredictor(ControlNetPredictor):
@@ -632,46 +427,9 @@ class MultiControlNetPredictor(ControlNetPredictor):
         return {"controlnet_1": next(iter(self.conditions)), "controlnet_1_image": image}
 
     def units_asked(self, values: dict[str, Any]) -> tuple[UnitAsk, ...]:
-        specs = self.condition_specs()
-        units = []
-        for n in range(1, MAX_UNITS + 1):
-            names = slot_inputs(n)
-            condition, image = values[names["condition"]], values[names["image"]]
-            if condition == "none":
-                if image is not None:
-                    raise ValueError(f"{names['image']} was sent but {names['condition']} is none: set "
-                                     f"{names['condition']} to the condition of that image ({', '.join(specs)}), "
-                                     "or leave the image out")
-                continue
-            if image is None:
-                raise ValueError(f"{names['condition']} is {condition} but {names['image']} is missing: send "
-                                 f"the image for that unit (a URL or data: URI), or set {names['condition']} to none")
-            options = {name: getattr(Inputs, name).default for name in specs[condition].detector_options()}
-            units.append(UnitAsk(condition, image, values[names["strength"]], values[names["start"]],
-                                 values[names["end"]], values[names["is_map"]], options, names,
-                                 label=f"control-{n}-{condition}"))
-        if not units:
-            raise ValueError(f"no control unit: set controlnet_1 to a condition ({', '.join(specs)}) and send "
-                             "controlnet_1_image (controlnet_2 and controlnet_3 likewise)")
-        return tuple(units)
-
-
-def remove_on_worker_stop(folders) -> None:
-    """Cog stops its prediction worker with SIGTERM, and a multiprocessing child skips atexit: remove
-    the folders `folders()` names first. Only in such a worker; a test process keeps its own signal
-    handling."""
-    import multiprocessing
-    import signal
-
-    if multiprocessing.parent_process() is None:
-        return
-
-    def handler(signum, frame):
-        for folder in folders():
-            shutil.rmtree(folder, ignore_errors=True)
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
+        options = {name: {option: spec_of(getattr(Inputs, option)).default for option in cond.detector_options()}
+                   for name, cond in self.condition_specs().items()}
+        return slot_units(values, MAX_UNITS, options)
 
 
 def asset_settings() -> dict:
@@ -705,11 +463,3 @@ def _drawing(folder: str, width: int, height: int) -> Path:
     path = os.path.join(folder, f"{width}x{height}.png")
     canvas.save(path)
     return Path(path)
-
-
-def _resize_exact(img, width: int, height: int):
-    if img.size == (width, height):
-        return img
-    from PIL import Image
-
-    return img.resize((width, height), Image.Resampling.LANCZOS)

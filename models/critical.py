@@ -2,7 +2,7 @@
 
 Loading or unloading a LoRA or an embedding changes the one shared pipeline in several steps; an
 exception between two of them would leave it half-changed for every later request. The server
-(cog_base/cancel.py) delays a cancel that arrives inside a section until the section ends. No Cog
+(cog_base/cog016/cancel.py) delays a cancel that arrives inside a section until the section ends. No Cog
 here: outside a server this only counts.
 """
 

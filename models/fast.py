@@ -63,9 +63,10 @@ def options_from_env(value: str | None = None) -> tuple[str, ...]:
     return tuple(name for name in OPTIONS if name in EXACT or name in names)
 
 
-def apply(pipe, options: Iterable[str], log: Callable[[str], None] = print) -> tuple[str, ...]:
+def apply(pipe, options: Iterable[str], log: Callable[[str], None] = print, cache_root: Path | None = None) -> tuple[str, ...]:
     """Apply the named options to `pipe` in place; returns what was applied, in a fixed order. Options
-    already applied to this pipeline are skipped (applying twice would wrap twice)."""
+    already applied to this pipeline are skipped (applying twice would wrap twice). `cache_root`: the
+    weights' folder, beside which compile keeps its cache (compile_cache_dir)."""
     done = getattr(pipe, "_fast_applied", ())
     wanted = tuple(name for name in OPTIONS if name in set(options))
     options = tuple(name for name in wanted if name not in done)
@@ -81,7 +82,7 @@ def apply(pipe, options: Iterable[str], log: Callable[[str], None] = print) -> t
     for model in (m for m in (pipe.unet, pipe.controlnet, pipe.vae) if m is not None):
         prepare(model)
     if "compile" in options:
-        compile_models(pipe)
+        compile_models(pipe, cache_root=cache_root)
     pipe._fast_applied = done + options
     if options:
         log(f"fast path: {', '.join(options)}")
@@ -295,19 +296,23 @@ def guard_vae(pipe, log: Callable[[str], None] = print, fallback: torch.dtype = 
     vae.decode = guarded
 
 
-def compile_cache_dir(weights_root: Path | None = None) -> Path:
-    """Inductor's on-disk cache: shipped beside the weights so a new container does not recompile."""
-    import weights
-
-    folder = Path(os.environ.get("CONTROLNET_COMPILE_CACHE") or Path(weights_root or weights.root()) / ".inductor-cache")
+def compile_cache_dir(weights_root: Path | None) -> Path | None:
+    """Inductor's on-disk cache: shipped beside the weights so a new container does not recompile
+    (CONTROLNET_COMPILE_CACHE overrides; None: neither given, Inductor's own default)."""
+    given = os.environ.get("CONTROLNET_COMPILE_CACHE") or (weights_root and Path(weights_root) / ".inductor-cache")
+    if not given:
+        return None
+    folder = Path(given)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def compile_models(pipe, mode: str | None = None) -> None:
+def compile_models(pipe, mode: str | None = None, cache_root: Path | None = None) -> None:
     # Set, not defaulted: Inductor's cache_dir() writes its default into this variable the first time
     # anything asks (an import may have), and it is read again at every compilation.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    cache = compile_cache_dir(cache_root)
+    if cache is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     on_cuda = pipe.device.type == "cuda"
     mode = mode or os.environ.get("CONTROLNET_COMPILE_MODE") or ("max-autotune" if on_cuda else "max-autotune-no-cudagraphs")
     # CONTROLNET_COMPILE_BACKEND (default inductor) exists for the GPU benchmark's CPU rehearsal (make

@@ -33,7 +33,7 @@ WEIGHTS_MOUNT = "/weights"
 # image and LoRA downloads alone may take 30 s and 120 s; the GPU time of the largest request (100 steps,
 # 4 samples, 2.4 MP) is not measured yet.
 TIMEOUT_S = 600
-MAX_BODY_MB = 64  # cog_base/serving.py's default for CONTROLNET_MAX_BODY_MB
+MAX_BODY_MB = 64  # cog_base/cog016/serving.py's default for CONTROLNET_MAX_BODY_MB
 ENDPOINT_DRAIN_S = 5  # for the Service to drop a stopping pod before it is asked whether it is busy
 STOP_S = 10  # SIGTERM stops Cog within this (README, "Stopping")
 

@@ -29,7 +29,7 @@ def _registry_choices_kept():
     """A test that builds a Cog schema in this process takes the registry's "enum"s with it (Cog pops
     them): put them back, so no later test depends on which ran first."""
     yield
-    from cog_base.inputs import restore_choices
+    from cog_base.cog016.choices import restore_choices
 
     restore_choices()
 

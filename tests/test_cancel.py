@@ -1,5 +1,5 @@
 """Cancel at every stage of a prediction or training, and stop signals, through the real Cog server
-(cog_base/cancel.py, cog_base/serving.py): a cancel the server accepts always ends `canceled`, leaves
+(cog_base/cog016/cancel.py, cog_base/cog016/serving.py): a cancel the server accepts always ends `canceled`, leaves
 the server READY and serving, and a stop leaves none of a client's files behind."""
 
 import json
@@ -194,7 +194,7 @@ def assert_stops_cleanly(server):
     assert [p for p in server.tmp.rglob("*") if not p.relative_to(server.tmp).parts[0].startswith("torchinductor_")] == []
 
 
-# -- the worker's cancel handling, on its own (cog_base/cancel.py) ----------------------------------
+# -- the worker's cancel handling, on its own (cog_base/cog016/cancel.py) ----------------------------------
 
 @pytest.fixture
 def child():
@@ -205,7 +205,7 @@ def child():
 
     from cog.server.exceptions import CancelationException
 
-    from cog_base import cancel
+    from cog_base.cog016 import cancel
 
     worker = object.__new__(_ChildWorker)
     worker._cancelable, worker._cancel, worker._early_signal, worker._raised_at = True, "none", False, 0.0
@@ -249,7 +249,7 @@ def test_an_error_that_follows_a_cancel_ends_canceled(child):
     from cog.server.eventtypes import Cancel
     from cog.server.exceptions import CancelationException
 
-    from cog_base import cancel
+    from cog_base.cog016 import cancel
 
     def predict():
         try:

@@ -123,7 +123,7 @@ def test_timeouts_and_body_size_fit_the_longest_prediction_and_the_largest_uploa
     # The ingress takes what the server takes: the container's bound is set to the same value, and it is
     # the server's own default.
     assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == f"{MAX_BODY_MB}m"
-    serving = (ROOT / "cog_base/serving.py").read_text()
+    serving = (ROOT / "cog_base/cog016/serving.py").read_text()
     assert re.search(r'"CONTROLNET_MAX_BODY_MB", "(\d+)"', serving).group(1) == str(MAX_BODY_MB)
     pods = (kinds["Deployment"]["spec"]["template"]["spec"], service["spec"]["template"]["spec"], inference["spec"]["predictor"])
     for pod in pods:

@@ -1,6 +1,7 @@
 """The repo's own invariants: one list of conditions, Cog configs that agree with the pins, and image
 build contexts that carry only their own condition."""
 
+import ast
 import json
 import os
 import re
@@ -47,6 +48,78 @@ def test_cog_stays_out_of_the_model_code():
     for path in (ROOT / "models").rglob("*.py"):
         text = path.read_text()
         assert "import cog" not in text and "from cog" not in text, path
+
+
+PROJECT_CODE = ("cog_base", "models", "predictors", "weights", "scripts", "bench", "deploy")
+
+
+def project_modules(*folders):
+    """(path, module name, parsed tree) of each Python file under `folders` (default: all project code)."""
+    for folder in folders or PROJECT_CODE:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            yield path, name, ast.parse(path.read_text(), str(path))
+
+
+def imported(tree) -> list[tuple[str, tuple[str, ...]]]:
+    """Every import in a module, at any depth: (module, the names taken from it)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, ()) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append((node.module, tuple(alias.name for alias in node.names)))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in
+              ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)):
+            found.append((str(node.args[0].value), ()))
+    return found
+
+
+def test_only_the_cog016_folder_knows_cogs_python_server():
+    """Deleting cog_base/cog016/ is the Cog upgrade's first step: nothing else reaches into Cog's
+    server, its other modules or its private names; the rest imports only `cog`'s public top level."""
+    cog016 = ROOT / "cog_base" / "cog016"
+    for path, _, tree in project_modules():
+        if cog016 in path.parents:
+            continue
+        for module, names in imported(tree):
+            if module == "cog_base.cog016" or module.startswith("cog_base.cog016."):
+                assert path.name == "runtime.py" or path.name == "openapi_dump.py", (path, module)
+                continue
+            if module == "cog" or module.startswith("cog."):
+                assert module == "cog" and not any(name.startswith("_") for name in names), (path, module, names)
+
+
+def test_only_the_registry_reads_the_insides_of_a_cog_input():
+    """An Input's default, bounds and choices are read in one place (cog_base.inputs.read)."""
+    allowed = {ROOT / "cog_base" / "inputs.py"}
+    for path, _, tree in project_modules("cog_base", "predictors", "models"):
+        if ROOT / "cog_base" / "cog016" in path.parents or path in allowed:
+            continue
+        attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        internals = {"json_schema_extra", "_attributes_set", "is_required"}
+        if path.relative_to(ROOT).parts[0] != "models":  # a safetensors file has metadata too
+            internals.add("metadata")
+        assert not attributes & internals, (path, attributes & internals)
+
+
+def test_dependencies_point_one_way():
+    """predictors -> cog_base -> models: the model code imports none of the packages above it, and the
+    benchmark's modules import each other without a circle."""
+    for path, _, tree in project_modules("models"):
+        for module, _ in imported(tree):
+            assert module.split(".")[0] not in ("cog", "cog_base", "predictors", "weights", "scripts", "bench"), (path, module)
+    graph = {name: {m for m, _ in imported(tree) if m.startswith("bench.")}
+             | {f"bench.{n}" for m, names in imported(tree) if m == "bench" for n in names}
+             for _, name, tree in project_modules("bench")}
+
+    def cycle_from(name, seen=()):
+        if name in seen:
+            return seen[seen.index(name):] + (name,)
+        return next((c for c in (cycle_from(n, seen + (name,)) for n in graph.get(name, ())) if c), None)
+
+    for name in graph:
+        assert cycle_from(name) is None, cycle_from(name)
 
 
 def predictor_module(condition):

@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from cog_base import serving
+from cog_base.cog016 import serving
 from predictors.canny.predict import Predictor
 from tests.conftest import drawing, png_bytes
 

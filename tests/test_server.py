@@ -245,7 +245,7 @@ def served_schema(condition):
     from cog.config import Config
     from cog.server.http import create_app
 
-    from cog_base.inputs import restore_choices
+    from cog_base.cog016.choices import restore_choices
 
     restore_choices()  # an earlier build in this process took them
     config = Config({"predict": f"predictors/{condition}/predict.py:Predictor", "build": {"gpu": True}})

@@ -135,7 +135,7 @@ def test_shutdown_is_refused_where_the_policy_says_so(special):
 def test_who_may_call_shutdown(monkeypatch, policy, client, allowed):
     """The policy behind the 403 above, for the addresses a real server sees: loopback from `make serve`,
     the Docker bridge from a published port, anything from a cluster network."""
-    from cog_base import serving
+    from cog_base.cog016 import serving
 
     monkeypatch.setenv("CONTROLNET_SHUTDOWN_FROM", policy)
     assert serving._shutdown_allowed({"client": (client, 5000) if client else None}) is allowed

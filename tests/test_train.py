@@ -437,7 +437,7 @@ def assert_bad_archives_fail_in_the_clients_terms(trainer, inputs, tmp_path):
 
 
 def assert_a_training_can_be_cancelled(trainer, inputs):
-    """Cog 0.16.12's own /trainings/{id}/cancel answers 500 and cancels nothing (cog_base/serving.py)."""
+    """Cog 0.16.12's own /trainings/{id}/cancel answers 500 and cancels nothing (cog_base/cog016/serving.py)."""
     receiver = Receiver()
     long = {**inputs, "max_train_steps": 100000, "validation_every": 0}
     body = {"input": long, "webhook": receiver.url("/hook/t1")}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cog_base import serving
+from cog_base.cog016 import serving
 from cog_base.predictor import ExpectedFault, UnexpectedError
 
 

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 from cog import BaseModel, Input, Path
 
-from cog_base.predictor import remove_on_worker_stop
+from cog_base.runtime import remove_on_worker_stop
 
 # Serving and training never download: the base comes from the local weights folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

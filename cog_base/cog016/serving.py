@@ -36,7 +36,7 @@ HTTP process (cog/server/http.py, runner.py, webhook.py, types.py)
 - SIGTERM/SIGINT set the shutdown event from a fresh thread (Cog's handler takes a lock inside a
   signal handler), a request still open gets 2 s so that the worker is stopped (and cleans up), and
   a watchdog ends the process 9 s after the first signal if it is still up;
-- cancel: see cog_base/cancel.py (both processes).
+- cancel: see cog_base/cog016/cancel.py (both processes).
 
 Both (cog/types.py)
 - a file input that is not a string gets 422 instead of a 500 from inside Cog's validator; a data:
@@ -75,7 +75,7 @@ import types
 import urllib.request
 from pathlib import Path
 
-from cog_base import cancel
+from cog_base.cog016 import cancel
 
 MAX_BODY_BYTES = int(float(os.environ.get("CONTROLNET_MAX_BODY_MB", "64")) * 2**20)
 IMAGE_MAX_BYTES = int(float(os.environ.get("CONTROLNET_IMAGE_MAX_MB", "50")) * 2**20)

@@ -2,7 +2,9 @@
 
 Cog checks the same bounds over HTTP (422); this check is for every other caller of `generate()`
 (tests, the warm-up, the benchmark) and for the rules that tie inputs together, which Cog's schema
-cannot say. The later steps take an `Asked` and trust it. Imports only the standard library.
+cannot say. The later steps (models/generate.py) take an `Asked` and trust it. Imports only the
+standard library: the Cog face (cog_base) reads the registry into InputSpecs and the values into
+units, and hands them here.
 """
 
 from __future__ import annotations
@@ -14,24 +16,26 @@ from typing import Any
 MAX_SEED = 2**32 - 1
 
 
-def _bounds(entry) -> tuple[Any, Any]:
-    low = next((m.ge for m in entry.metadata if hasattr(m, "ge")), None)
-    high = next((m.le for m in entry.metadata if hasattr(m, "le")), None)
-    return low, high
+@dataclass(frozen=True)
+class InputSpec:
+    """What the registry says of one input: its default (None where required or empty), its ge/le
+    bounds and its choices (cog_base.inputs.read reads them from Cog's Input)."""
+
+    default: Any = None
+    low: Any = None
+    high: Any = None
+    choices: tuple[str, ...] | None = None
 
 
-def check(name: str, value: Any, entry, choices: Any = None) -> Any:
-    """`value` against the registry entry `entry` (a Cog Input): its choices (`choices`, as the registry
-    recorded them: see cog_base.inputs.CHOICES), or its ge/le bounds. A choice comes back as the string
+def check(name: str, value: Any, spec: InputSpec) -> Any:
+    """`value` against its input's spec: its choices, or its bounds. A choice comes back as the string
     the schema lists; an optional input left empty passes."""
-    if choices is None:
-        choices = (entry.json_schema_extra or {}).get("enum")
-    if choices is not None:
-        if str(value) not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    if spec.choices is not None:
+        if str(value) not in spec.choices:
+            raise ValueError(f"{name} must be one of {', '.join(spec.choices)}, not {value!r}")
         return str(value)
-    low, high = _bounds(entry)
-    if low is None and high is None or (value is None and entry.default is None):
+    low, high = spec.low, spec.high
+    if low is None and high is None or (value is None and spec.default is None):
         return value
     try:
         inside = value is not None and (low is None or value >= low) and (high is None or value <= high)
@@ -170,3 +174,47 @@ def asked(values: dict[str, Any], units: tuple[UnitAsk, ...]) -> Asked:
         init_image=values["init_image"], mask_image=values["mask_image"], strength=values["strength"],
         mask_blur=values["mask_blur"],
     )
+
+
+def single_image(values: dict[str, Any]) -> Any:
+    """A single-condition image's one upload: `image`, or `input_image` where the image takes it."""
+    image, input_image = values["image"], values.get("input_image")
+    if (image is None) == (input_image is None):
+        raise ValueError("send the image as exactly one of `image` or `input_image`" if image is not None
+                         else "image is required: send it as `image` (a URL or data: URI)")
+    return image if image is not None else input_image
+
+
+def single_unit(values: dict[str, Any], condition: str, image: Any, options: dict, version: str) -> tuple[UnitAsk, ...]:
+    """A single-condition image's one unit, from the unit inputs among the shared ones (`options`: its
+    detector's, for `version`)."""
+    return (UnitAsk(
+        condition, image, values["controlnet_conditioning_scale"],
+        values["control_guidance_start"], values["control_guidance_end"], values["control_image_is_map"],
+        options, SINGLE_UNIT_INPUTS, version=version,
+    ),)
+
+
+def slot_units(values: dict[str, Any], slots: int, options_of: dict[str, dict]) -> tuple[UnitAsk, ...]:
+    """The multi image's units, from its `slots` numbered slots; `options_of[condition]` is the detector
+    options a unit of that condition runs with (its defaults)."""
+    units = []
+    for n in range(1, slots + 1):
+        names = slot_inputs(n)
+        condition, image = values[names["condition"]], values[names["image"]]
+        if condition == "none":
+            if image is not None:
+                raise ValueError(f"{names['image']} was sent but {names['condition']} is none: set "
+                                 f"{names['condition']} to the condition of that image ({', '.join(options_of)}), "
+                                 "or leave the image out")
+            continue
+        if image is None:
+            raise ValueError(f"{names['condition']} is {condition} but {names['image']} is missing: send "
+                             f"the image for that unit (a URL or data: URI), or set {names['condition']} to none")
+        units.append(UnitAsk(condition, image, values[names["strength"]], values[names["start"]],
+                             values[names["end"]], values[names["is_map"]], dict(options_of[condition]), names,
+                             label=f"control-{n}-{condition}"))
+    if not units:
+        raise ValueError(f"no control unit: set controlnet_1 to a condition ({', '.join(options_of)}) and send "
+                         "controlnet_1_image (controlnet_2 and controlnet_3 likewise)")
+    return tuple(units)
