@@ -220,3 +220,15 @@ def test_the_download_writes_the_converters_config_beside_the_file(tmp_path, mon
     download.download_component(name, tmp_path / name)
     assert json.loads((tmp_path / name / "config.json").read_text()) == zimage.CONTROLNET_21_CONFIG
     assert weights.is_complete(tmp_path / name, name, tiny=False)
+
+
+def test_the_benchmarks_full_size_model_is_z_image_turbos(tmp_path):
+    """bench/zimage.py builds the real architectures (on the meta device here: no memory): Z-Image-Turbo's
+    6.15 B transformer, the 2.1 file's 3,356 M ControlNet, Qwen3-4B and the 84 M VAE, 27 GB in bf16."""
+    from bench import zimage as bench_zimage
+
+    pipe = bench_zimage.build_full("meta", tmp_path)
+    counts = bench_zimage.params_m(pipe)
+    assert counts["controlnet"] == 3356.2
+    assert 6100 < counts["transformer"] < 6200 and 4000 < counts["text_encoder"] < 4050 and 80 < counts["vae"] < 90
+    assert pipe.transformer.dtype == torch.bfloat16
