@@ -196,9 +196,10 @@ class ControlNetPredictor(BasePredictor):
             print(self.tiny_warning(), flush=True)
         self.assets = AssetCache(**asset_settings())
         custom = os.environ.get("COG_WEIGHTS", "").strip()
-        device = self.load(custom)
+        # Before load(): a compiling load warms up through generate(), which writes outputs.
         self._output_dir: str | None = None
         remove_on_worker_stop(lambda: [self._output_dir] if self._output_dir else [])
+        device = self.load(custom)
         # Component names, not paths: setup logs reach clients through /health-check.
         served = ", ".join(
             f"{role}: {'COG_WEIGHTS' if custom and role == self.cog_weights else folder.name}"

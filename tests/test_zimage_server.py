@@ -138,3 +138,36 @@ def test_errors_are_clear(server, photo, inputs, message):
         assert response.status_code == 200 and response.json()["status"] == "succeeded"
         return
     assert message in failed(server, image=photo, **{**FAST, **inputs})
+
+
+def test_the_playground_builds_the_zimage_form_and_runs_it(server, tmp_path):
+    from tests.test_first_run import CHROMIUM_FLAGS, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium); .ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    from scripts.playground import Playground
+
+    drawing().save(tmp_path / "in.png")
+    props = requests.get(f"{server.url}/openapi.json", timeout=10).json()["components"]["schemas"]["Input"]["properties"]
+    with Playground(server.url) as page_server, sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=find_chromium(),
+                                                        headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(page_server.url)
+            page.wait_for_selector("#in-prompt")
+            assert all(page.locator(f"#in-{name}").count() == 1 for name in props)
+            # Its own inputs sit with the basics, open, not folded under More.
+            assert page.locator("#in-num_inference_steps").is_visible() and page.locator("#in-condition").is_visible()
+            page.set_input_files("#in-image", str(tmp_path / "in.png"))
+            page.select_option("#in-condition", "hough")
+            page.fill("#in-prompt", "a house")
+            page.fill("#in-num_inference_steps", "2")
+            page.locator("#in-width").evaluate("(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", "64")
+            page.click("#run")
+            page.wait_for_selector("figure img.sample", timeout=300_000)
+            assert page.locator("figure img.control").count() == 1 and page.locator("figure img.sample").count() == 1
+        finally:
+            browser.close()
