@@ -171,3 +171,28 @@ def test_the_playground_builds_the_zimage_form_and_runs_it(server, tmp_path):
             assert page.locator("figure img.control").count() == 1 and page.locator("figure img.sample").count() == 1
         finally:
             browser.close()
+
+
+def test_a_cancel_stops_it_within_the_steps_and_the_server_serves_on(server, photo):
+    import re
+    import time
+    import uuid
+
+    from tests.conftest import Receiver, wait_idle
+    from tests.test_serving import post_async
+
+    receiver, prediction_id = Receiver(), uuid.uuid4().hex
+    path = f"/hook/{prediction_id}"
+    steps = 50
+    inputs = dict(image=photo, prompt="a cozy house", num_inference_steps=steps, width=256, height=192, seed=5)
+    assert post_async(server, inputs, receiver.url(path), prediction_id=prediction_id).status_code == 202
+    deadline = time.monotonic() + 120
+    while "step 1/" not in (receiver.for_prediction(path) or [{}])[-1].get("logs", "") and time.monotonic() < deadline:
+        time.sleep(0.2)  # denoising has started
+    assert requests.post(f"{server.url}/predictions/{prediction_id}/cancel", timeout=10).status_code == 200
+    final = receiver.wait_final(path, timeout=120)[-1]
+    assert final["status"] == "canceled", final.get("error")
+    done = [int(n) for n in re.findall(rf"step (\d+)/{steps}", final.get("logs") or "")]
+    assert done and max(done) < steps  # stopped inside the loop, not at its end
+    wait_idle(server, timeout=60)
+    assert run(server, image=photo, **FAST)
