@@ -9,6 +9,8 @@ Phases, in the order of what matters most if the run is cut short (docs/benchmar
   samples4  num_samples 4: images/s and peak GPU memory
   units     the multi image with 1, 2 and 3 ControlNet units (canny, depth, seg; maps sent as maps, so no
             detector runs): median per row and the cost of each added unit
+  zimage    the zimage image's model (Z-Image-Turbo + Fun ControlNet Union 2.1, bf16): 8 steps at 1024x1024 with
+            and without the ControlNet, batch 1 and 4, peak GPU memory (bench/zimage.py)
   compile   torch.compile (mode "default") at the served shape, compile time reported
 `--heavy` (a second, separate call) instead runs a short reference (baseline and plain served at the
 headline steps, for the ratios and the exactness check) and the compile-heavy modes: max-autotune
@@ -55,12 +57,12 @@ HEAVY = (("all", "reduce-overhead"), ("all", "max-autotune"), ("all", "max-autot
 PROFILES = {
     "full": dict(steps=[20, 30, 50], runs=20, fit_runs=5, warmup=3, stage_runs=10, resolution=512, backend="inductor",
                  cost=dict(baseline=45, served=75, eager=15, server=75, samples4=20, units=45, compile=150, reference=20,
-                           heavy=330)),
+                           heavy=330, zimage=150)),
     # tiny compiles with aot_eager: Dynamo's and AOTAutograd's graph capture on this torch, without
     # Inductor's C++ builds (over 7 minutes on 2 busy cores); the GPU's Triton kernels are not rehearsed.
     "tiny": dict(steps=[2, 1], runs=1, fit_runs=1, warmup=0, stage_runs=1, resolution=256, backend="aot_eager",
                  cost=dict(baseline=10, served=15, eager=5, server=40, samples4=5, units=30, compile=60, reference=10,
-                           heavy=120)),
+                           heavy=120, zimage=30)),
 }
 
 
@@ -299,6 +301,11 @@ class Run:
         medians = [r["median_ms"] for r in record["rows"].values()]
         record["per_added_unit_ms"] = (medians[-1] - medians[0]) / (len(medians) - 1)
 
+    def zimage(self, record: dict) -> None:
+        from bench import zimage
+
+        zimage.measure(self.args.size, self.cuda, self.clock, bench.repeat, record, self.args.work / "zimage")
+
     def compiled(self, record: dict, options: str, mode: str) -> None:
         if self.profile.backend != "inductor":
             mode = "default"  # the only mode other backends take; the rehearsal checks the plumbing, not Inductor
@@ -359,6 +366,7 @@ class Run:
         self.phase("server", "server", self.server)
         self.phase("samples4", "samples4", self.samples4)
         self.phase("units", "units", self.units)
+        self.phase("zimage", "zimage", self.zimage)
         for options, mode in COMPILE:
             self.phase(f"compile {options} {mode}", "compile", self.compiled, options, mode)
 
@@ -473,6 +481,10 @@ def markdown(r: dict) -> str:
             lines += ["", f"Each added unit costs {units['per_added_unit_ms']:.1f} ms (median, 1 to "
                       f"{len(units['rows'])} units, sample {units.get('sample_size', '?')}, seed {bench.SEED}); "
                       f"multi setup {units['setup_ms'] / 1e3:.2f} s."]
+    if phases.get("zimage", {}).get("rows"):
+        from bench import zimage
+
+        lines += zimage.markdown(phases["zimage"])
     if served and served.get("stages"):
         lines += ["", f"#### Stages ({steps[0]} steps, {'CUDA events' if 'gpu' in versions else 'perf_counter'})", "",
                   "| stage | median ms | p90 ms | min ms | runs |", "|---|---|---|---|---|"]

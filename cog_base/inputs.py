@@ -227,6 +227,37 @@ class Inputs:
         description="Unit 3's image already is a map of its condition: skip the detector", default=False
     )
 
+    # -- the zimage image (Z-Image-Turbo + Fun ControlNet Union 2.1): where a meaning differs from SD 1.5's --
+    condition = Input(
+        description="The structure the ControlNet follows, made from the image by this detector: canny (edges), "
+        "depth (MiDaS), hed (soft edges), hough (M-LSD straight lines), pose (OpenPose skeleton)",
+        choices=["canny", "depth", "hed", "hough", "pose"], default="canny",
+    )
+    num_inference_steps = Input(
+        description="Denoising steps; Z-Image-Turbo is distilled to 8", default=8, ge=1, le=50
+    )
+    guidance_scale = Input(
+        description="Classifier-free guidance; 0 (the turbo model's own setting) turns it off. Above 0 the "
+        "negative prompt applies and each step runs the model twice",
+        default=0.0, ge=0.0, le=10.0,
+    )
+    negative_prompt = Input(description="What to avoid; used only when guidance_scale is above 0", default="")
+    # Same names as on the SD 1.5 images (the parameter takes these entries: cog_base.predictor.ALIASES).
+    union_conditioning_scale = Input(
+        description="Control strength: how strongly the control map steers the image (0 = not at all); the model "
+        "card advises 0.65-0.80",
+        default=0.75, ge=0.0, le=2.0,
+    )
+    union_width = Input(
+        description="Exact output width in pixels (0 = about one megapixel at the image's aspect, sides in "
+        "multiples of 16). With only one of width/height, the other keeps the image's aspect",
+        default=0, ge=0, le=2048,
+    )
+    union_height = Input(
+        description="Exact output height in pixels (0 = about one megapixel at the image's aspect)",
+        default=0, ge=0, le=2048,
+    )
+
 # The order every signature follows: these first, then the condition's detector options, then CONTROLS.
 JAGILLEY_INPUTS = (
     "image", "prompt", "num_samples", "image_resolution", "ddim_steps", "scale", "seed", "eta", "a_prompt", "n_prompt",
@@ -249,6 +280,16 @@ SHARED_CONTROLS = tuple(name for name in CONTROLS if name not in UNIT_INPUTS)
 UNIT_SLOT = ("controlnet_{n}", "controlnet_{n}_image", "controlnet_{n}_conditioning_scale", "controlnet_{n}_start",
              "controlnet_{n}_end", "controlnet_{n}_image_is_map")
 MAX_UNITS = 3
+# The zimage image's inputs: the shared names where the meaning is the same, its own where it differs
+# (steps, guidance, negative prompt); no SD 1.5-only input (image_resolution, eta, scheduler, guess mode,
+# a_prompt, textual inversion, img2img).
+ZIMAGE_HEAD = ("image", "prompt", "condition", "num_samples", "num_inference_steps", "guidance_scale",
+               "negative_prompt", "seed")
+ZIMAGE_TAIL = (
+    "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end", "control_image_is_map",
+    "return_control_map", "output_format", "output_quality", "preprocess_only", "width", "height",
+    "lora_url", "lora_scale", "mask_image", "mask_blur",
+)
 
 
 

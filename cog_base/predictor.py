@@ -43,7 +43,10 @@ A_PROMPT = spec_of(Inputs.a_prompt).default
 N_PROMPT = spec_of(Inputs.n_prompt).default
 # A parameter may take another registry entry than its own name's: hed's `image` is optional
 # because its clients may send `input_image` instead.
-ALIASES = {"image": ("image_or_input_image",)}
+ALIASES = {"image": ("image_or_input_image",),
+           # The zimage image's: the same names as here, with its own defaults and descriptions.
+           "controlnet_conditioning_scale": ("union_conditioning_scale",), "width": ("union_width",),
+           "height": ("union_height",)}
 # Inputs that carry the unit's image rather than a detector option.
 IMAGE_INPUTS = ("input_image",)
 # The input that picks the unit's ControlNet version (and with it the detector): not a detector option either.
@@ -108,6 +111,8 @@ class ControlNetPredictor(BasePredictor):
                          CONTROLS: a single-condition image carries its one unit's inputs among them)
     map_takes_mask       the detector takes the request's inpainting mask (mask_image) as its `mask`
                          option: its map is made from the image and the mask
+    steps_input, size_multiple, megapixels   the model family's: its steps input, its sides' multiple and
+                         its default area (None: jagilley's image_resolution); see models.generate.Served
 
     `extra_inputs` (the image's own inputs) and `fields` (every input's registry entry) are read from
     the predict() signature.
@@ -125,6 +130,9 @@ class ControlNetPredictor(BasePredictor):
     head_inputs: ClassVar[tuple[str, ...]] = JAGILLEY_INPUTS
     tail_inputs: ClassVar[tuple[str, ...]] = CONTROLS
     _used: tuple[tuple[str, str], ...] = ()  # (condition, version) of each unit of the request being served
+    steps_input: ClassVar[str] = "ddim_steps"
+    size_multiple: ClassVar[int] = 64
+    megapixels: ClassVar[float | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -183,13 +191,9 @@ class ControlNetPredictor(BasePredictor):
     # memory. COG_WEIGHTS is read here instead, and fetched to disk with bounds.
     def setup(self) -> None:
         start = time.perf_counter()
-        from models import fast
-        from models.assets import AssetCache, fetch_weights
-        from models.pipeline import load_pipeline  # torch and diffusers: worker only
-        from models.style import StyleAssets
+        from models.assets import AssetCache
 
         from cog_base.health import WorkerHealth
-
         from cog_base.runtime import server_log
 
         # Its verdicts (and "restart the server") are the operator's: the server's log, not a client's logs.
@@ -198,9 +202,32 @@ class ControlNetPredictor(BasePredictor):
         if self.weights.tiny:
             print(self.tiny_warning(), flush=True)
         self.assets = AssetCache(**asset_settings())
+        custom = os.environ.get("COG_WEIGHTS", "").strip()
+        # Before load(): a compiling load warms up through generate(), which writes outputs.
+        self._output_dir: str | None = None
+        remove_on_worker_stop(lambda: [self._output_dir] if self._output_dir else [])
+        device = self.load(custom)
+        # Component names, not paths: setup logs reach clients through /health-check.
+        served = ", ".join(
+            f"{role}: {'COG_WEIGHTS' if custom and role == self.cog_weights else folder.name}"
+            for role, folder in self.weights.folders.items()
+        )
+        print(
+            f"{self.condition}: ready on {device} in {time.perf_counter() - start:.1f}s "
+            f"({'tiny' if self.weights.tiny else 'real'} weights: {served})",
+            flush=True,
+        )
+
+    def load(self, custom: str) -> str:
+        """The model family's part of setup: its pipeline, runner and style assets (`custom`: COG_WEIGHTS, or
+        empty). Returns the device it runs on."""
+        from models import fast
+        from models.assets import fetch_weights
+        from models.pipeline import load_pipeline  # torch and diffusers: worker only
+        from models.style import StyleAssets
+
         # A combined image (multi) has no ControlNet of its own: each unit's loads on first use.
         folders = {"base_override": None, "controlnet_dir": self.weights.folders.get("controlnet")}
-        custom = os.environ.get("COG_WEIGHTS", "").strip()
         if custom:
             key = {"base": "base_override", "controlnet": "controlnet_dir"}[self.cog_weights]
             folders[key] = fetch_weights(custom, self.assets)
@@ -212,20 +239,9 @@ class ControlNetPredictor(BasePredictor):
         self.styles = StyleAssets(pipe)
         self.runner = self._runner(pipe)
         self.runner.controlnets.prepare = fast.per_model(fast_options)  # ControlNets loaded on first use
-        self._output_dir: str | None = None
-        remove_on_worker_stop(lambda: [self._output_dir] if self._output_dir else [])
         if "compile" in fast_options:
             self._warm_up(fast)
-        # Component names, not paths: setup logs reach clients through /health-check.
-        served = ", ".join(
-            f"{role}: {'COG_WEIGHTS' if custom and role == self.cog_weights else folder.name}"
-            for role, folder in self.weights.folders.items()
-        )
-        print(
-            f"{self.condition}: ready on {pipe.device} in {time.perf_counter() - start:.1f}s "
-            f"({'tiny' if self.weights.tiny else 'real'} weights: {served})",
-            flush=True,
-        )
+        return pipe.device
 
     def _runner(self, pipe):
         """The pipeline's runner and the conditions its units use. A single-condition image loads its
@@ -337,8 +353,8 @@ class ControlNetPredictor(BasePredictor):
             with contextlib.redirect_stdout(io.StringIO()):
                 inputs = self.self_test_inputs(_drawing(folder, width, height), condition or next(iter(self.condition_specs())),
                                                version)
-                self.generate(**inputs, prompt="self-test", width=width, height=height, ddim_steps=1, seed=1,
-                              return_control_map=False)
+                self.generate(**inputs, prompt="self-test", width=width, height=height, seed=1,
+                              return_control_map=False, **{self.steps_input: 1})
         finally:
             self._used = used  # the failed request's, whatever the self-test asked
             shutil.rmtree(folder, ignore_errors=True)
@@ -365,7 +381,8 @@ class ControlNetPredictor(BasePredictor):
                         frozenset(name for name, spec in specs.items() if spec.map_takes_mask),
                         default_version=DEFAULT_VERSION, detect_resolution=spec_of(Inputs.detect_resolution).default,
                         missing_version_fix={key: self._missing_version_fix(*key)
-                                             for key, found in self.versioned.items() if found is None})
+                                             for key, found in self.versioned.items() if found is None},
+                        size_multiple=self.size_multiple, megapixels=self.megapixels)
         try:
             return [Path(file) for file in run(request, served, self._new_output_dir())]
         except RequestError as exc:
@@ -387,7 +404,12 @@ class ControlNetPredictor(BasePredictor):
         values.update(inputs)
         for name, entry in self.fields.items():
             values[name] = check(name, values[name], spec_of(entry)) if name in values else spec_of(entry).default
-        return asked(values, self.units_asked(values))
+        return asked(self.request_values(values), self.units_asked(values))
+
+    def request_values(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The checked values as the shared request (models.request.asked) reads them: another model family
+        names some of them otherwise."""
+        return values
 
     def units_asked(self, values: dict[str, Any]) -> tuple[UnitAsk, ...]:
         """A single-condition image's one unit, from the unit inputs among the shared ones."""

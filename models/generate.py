@@ -49,6 +49,8 @@ class Served:
                  detect_resolution (a unit whose options lack it runs its detector at this one)
     missing_version_fix  (condition, version) -> what the operator does to serve a version whose weights
                  are missing (make weights fetches only a pinned component)
+    size_multiple, megapixels   the model family's sizes: sides in multiples of `size_multiple`; without an
+                 exact width/height, `megapixels` at the upload's aspect (None: jagilley's image_resolution)
     """
 
     name: str
@@ -61,6 +63,8 @@ class Served:
     default_version: str = "1.0"
     detect_resolution: int = 512
     missing_version_fix: dict = field(default_factory=dict)
+    size_multiple: int = 64
+    megapixels: float | None = None
 
 
 def generate(request: Asked, served: Served, folder: str) -> list[str]:
@@ -75,7 +79,7 @@ def generate(request: Asked, served: Served, folder: str) -> list[str]:
     size = None
     try:
         style = fetch_assets(request, served, timings)
-        images, size = decode_and_plan(request, timings)
+        images, size = decode_and_plan(request, served, timings)
         edit = plan_edit(request, images, size, served.takes_mask, timings)
         units = control_maps(request, images, size.generate, served, timings, edit)
         maps = encode_maps(request, units, folder)  # while the pipeline runs
@@ -117,10 +121,10 @@ def fetch_assets(request: Asked, served: Served, timings: dict) -> tuple:
 
 # -- 2. decode + size plan --------------------------------------------------------------------------
 
-def decode_and_plan(request: Asked, timings: dict):
+def decode_and_plan(request: Asked, served: Served, timings: dict):
     """Each unit's image decoded, the sizes planned from the first unit's, and every image
     centre-cropped to that aspect (the first one only when an exact size asks for another)."""
-    from models.image import InputImageError, apply_crop, load_rgb, plan_size
+    from models.image import InputImageError, apply_crop, load_rgb, plan_area, plan_size
 
     start = time.perf_counter()
     decoded = []
@@ -131,7 +135,10 @@ def decode_and_plan(request: Asked, timings: dict):
             name = unit.inputs["image"]
             raise RequestError(str(exc) if name == "image" else f"{name}: {exc}") from None
     timings["decode input"] = time.perf_counter() - start
-    size = plan_size(*decoded[0].shape[:2], request.image_resolution, request.width, request.height)
+    if served.megapixels is None:
+        size = plan_size(*decoded[0].shape[:2], request.image_resolution, request.width, request.height)
+    else:
+        size = plan_area(*decoded[0].shape[:2], served.megapixels, request.width, request.height, served.size_multiple)
     (out_h, out_w), (gen_h, gen_w) = size.output, size.generate
     what = ("control map only" if request.preprocess_only
             else f"{request.num_samples} sample(s), {request.scheduler}, {request.steps} steps")

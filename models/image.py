@@ -182,6 +182,21 @@ def plan_size(height: int, width: int, resolution: int, out_width: int = 0, out_
     return SizePlan(generate, (out_height, out_width), crop)
 
 
+def plan_area(height: int, width: int, megapixels: float, out_width: int = 0, out_height: int = 0,
+              multiple: int = 16) -> SizePlan:
+    """A model family sized by area (Z-Image-Turbo): about `megapixels` at the upload's aspect, sides in
+    multiples of `multiple`, when no exact size is asked; else the exact size as plan_size gives it, generated
+    at the next multiples of `multiple`."""
+    _check_aspect(height, width)
+    if not out_width and not out_height:
+        scale = (megapixels * 2**20 / (height * width)) ** 0.5
+        size = tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width))
+        return SizePlan(size, size)
+    plan = plan_size(height, width, 512, out_width, out_height)
+    up = tuple(-(-side // multiple) * multiple for side in plan.output)
+    return SizePlan(up, plan.output, plan.crop)
+
+
 def apply_crop(image: np.ndarray, plan: SizePlan) -> np.ndarray:
     if plan.crop is None:
         return image

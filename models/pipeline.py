@@ -184,6 +184,25 @@ SCHEDULERS = {
 PROGRESS_EVERY_S = 1.0
 
 
+def progress_callback(log):
+    """A `callback_on_step_end` that logs the step, the time elapsed and the rate: on the first and the
+    last step and at most every PROGRESS_EVERY_S between (long runs show progress, short ones stay quiet)."""
+    start = time.perf_counter()
+    last = [-math.inf]
+
+    def on_step_end(pipe, i, t, kwargs):
+        now = time.perf_counter()
+        total = getattr(pipe, "_num_timesteps", None) or i + 1
+        step = i + 1
+        if step == 1 or step == total or now - last[0] >= PROGRESS_EVERY_S:
+            elapsed = now - start
+            log(f"step {step}/{total}  {elapsed:.1f}s elapsed  {step / elapsed:.2f} it/s")
+            last[0] = now
+        return {}
+
+    return on_step_end
+
+
 class NonFiniteOutputError(RuntimeError):
     """The model produced NaN/inf: a numerical fault, reported instead of returning a black image."""
 
@@ -301,22 +320,6 @@ class ControlNetRunner:
                 f"tokens), so the last {count - limit} are ignored. Shorten it to keep them."
             )
 
-    def _progress(self, log):
-        start = time.perf_counter()
-        last = [-math.inf]
-
-        def on_step_end(pipe, i, t, kwargs):
-            now = time.perf_counter()
-            total = getattr(pipe, "_num_timesteps", None) or i + 1
-            step = i + 1
-            if step == 1 or step == total or now - last[0] >= PROGRESS_EVERY_S:
-                elapsed = now - start
-                log(f"step {step}/{total}  {elapsed:.1f}s elapsed  {step / elapsed:.2f} it/s")
-                last[0] = now
-            return {}
-
-        return on_step_end
-
     def _controls(self, control: np.ndarray | Sequence[ControlUnit], request: Request) -> dict:
         """The pipeline's ControlNet arguments for the units (one unit: a ControlNetModel and scalars, as a
         single-ControlNet pipeline takes them; several: a MultiControlNetModel and lists in unit order).
@@ -418,7 +421,7 @@ class ControlNetRunner:
                 num_images_per_prompt=request.num_samples,
                 generator=generator,
                 guess_mode=request.guess_mode,
-                callback_on_step_end=self._progress(self.log),
+                callback_on_step_end=progress_callback(self.log),
                 output_type="latent",
                 **controls,
                 **edit,
@@ -429,12 +432,12 @@ class ControlNetRunner:
             raise EditRefusedError(_client_terms(mode, str(exc))) from None
         finally:
             pipe.scheduler, pipe.controlnet = scheduler, controlnet
-        _check_finite(latents, "denoising")
+        check_finite(latents, "denoising")
         timings["denoise"] = time.perf_counter() - start
 
         start = time.perf_counter()
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        _check_finite(decoded, "VAE decoding")
+        check_finite(decoded, "VAE decoding")
         samples = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(decoded))
         timings["VAE decode"] = time.perf_counter() - start
         return Result(samples, timings)
@@ -481,7 +484,7 @@ def control_image(control: np.ndarray):
     return pixels.permute(2, 0, 1)[None]
 
 
-def _check_finite(tensor: torch.Tensor, stage: str) -> None:
+def check_finite(tensor: torch.Tensor, stage: str) -> None:
     if not torch.isfinite(tensor).all():
         raise NonFiniteOutputError(
             f"the model produced non-finite values (NaN/inf) during {stage}; this is a numerical fault of "

@@ -100,11 +100,16 @@ def _read(path: Path, what: str) -> dict:
         raise AssetError(f"{what} is not a .safetensors file ({type(exc).__name__}); send a .safetensors file") from None
 
 
+# How the LoRA messages name a model family: the model, and which LoRAs fit it.
+SD15_LORAS = ("Stable Diffusion 1.5", "an SD 1.5 LoRA (diffusers/PEFT or kohya format; SDXL and SD 2 LoRAs do not fit)")
+
+
 class StyleAssets:
-    def __init__(self, pipe, log: Callable[[str], None] = print):
+    def __init__(self, pipe, log: Callable[[str], None] = print, family: tuple[str, str] = SD15_LORAS):
         self.pipe = pipe
         self.log = log
         self.lora_key: str | None = None
+        self.model, self.fitting_lora = family
 
     def _unload_lora(self) -> None:
         if self.lora_key is not None:
@@ -119,12 +124,11 @@ class StyleAssets:
         except Exception as exc:  # diffusers/PEFT raise several types for a LoRA that does not fit
             self.pipe.unload_lora_weights()  # drop whatever part of it was attached
             first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise AssetError(
-                f"lora_url is not a LoRA for Stable Diffusion 1.5 ({first_line}); send an SD 1.5 LoRA "
-                "(diffusers/PEFT or kohya format; SDXL and SD 2 LoRAs do not fit)"
-            ) from None
+            raise AssetError(f"lora_url is not a LoRA for {self.model} ({first_line}); send {self.fitting_lora}") from None
         if not self.pipe.get_list_adapters():
-            raise AssetError("lora_url holds no LoRA weights this model can use; send an SD 1.5 LoRA")
+            # diffusers loads nothing from keys it does not know (another family's LoRA) and only warns.
+            raise AssetError(f"lora_url holds no LoRA weights this model can use: it is not a LoRA for {self.model}; "
+                             f"send {self.fitting_lora}")
         self.lora_key = key
 
     @contextlib.contextmanager

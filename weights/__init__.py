@@ -19,8 +19,11 @@ MANIFEST = json.loads((HERE / "manifest.json").read_text())
 CONDITIONS: tuple[str, ...] = tuple(MANIFEST["conditions"])
 # Images that serve several conditions (each a ControlNet unit of a request): name -> its conditions.
 COMBINED: dict[str, tuple[str, ...]] = {name: tuple(conds) for name, conds in MANIFEST.get("combined", {}).items()}
-# Every image this repo builds: one per condition, then the combined ones.
-IMAGES: tuple[str, ...] = CONDITIONS + tuple(COMBINED)
+# Images of another model family (not SD 1.5): name -> its base, its ControlNet and the conditions whose
+# detectors make its control maps (one ControlNet reads every condition's map: a union model).
+FAMILIES: dict[str, dict] = MANIFEST.get("families", {})
+# Every image this repo builds: one per condition, then the combined ones, then the other families'.
+IMAGES: tuple[str, ...] = CONDITIONS + tuple(COMBINED) + tuple(FAMILIES)
 MARKER = ".complete.json"
 VERSION_MARK = "@"  # a role of another ControlNet version than the image's default: controlnet@1.1
 TINY = "tiny"
@@ -42,6 +45,8 @@ def conditions_of(image: str) -> tuple[str, ...]:
     """The conditions an image serves: its own, or a combined image's list."""
     if image in COMBINED:
         return COMBINED[image]
+    if image in FAMILIES:
+        return tuple(FAMILIES[image]["conditions"])
     if image not in MANIFEST["conditions"]:
         raise ValueError(f"unknown condition {image!r}; known: {', '.join(IMAGES)}")
     return (image,)
@@ -56,6 +61,14 @@ def components(condition: str) -> dict[str, str]:
             # Each unit runs its condition's default version: another version's components would be dead weight.
             roles.update({f"{cond}.{role}": name for role, name in components(cond).items()
                           if role != "base" and not version_of(role)})
+        return roles
+    if condition in FAMILIES:
+        family = FAMILIES[condition]
+        roles = {"base": family["base"], "controlnet": family["controlnet"]}
+        for cond in family["conditions"]:  # each condition's detector, at its default version
+            detector = MANIFEST["conditions"][cond].get("detector")
+            if detector:
+                roles[f"{cond}.detector"] = detector
         return roles
     conditions_of(condition)  # an unknown name is an error that lists the known ones
     return {role: name for role, name in MANIFEST["conditions"][condition].items() if name}
@@ -119,7 +132,7 @@ class WeightSet:
             return self
         prefix = f"{condition}."
         own = {role[len(prefix):]: folder for role, folder in self.folders.items() if role.startswith(prefix)}
-        if not own:
+        if not own and condition not in FAMILIES.get(self.condition, {}).get("conditions", ()):
             raise ValueError(f"{self.condition} serves no condition {condition!r}")
         return WeightSet(condition, self.tiny, {"base": self.base, **own})
 

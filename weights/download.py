@@ -70,6 +70,11 @@ def download_component(name: str, dest: Path) -> None:
     if unmatched:
         sys.exit(f"{name}: {what} has no file matching {unmatched}; the manifest is wrong for this revision.")
     check_digests(name, what, dest, spec.get("sha256", {}))
+    if "config" in spec:  # what a single file's converter needs beside it, offline
+        import importlib
+
+        module, _, function = spec["config"].partition(":")
+        getattr(importlib.import_module(module), function)(dest)
     weights.write_marker(dest, repo=spec["repo"], revision=spec["revision"], files=spec["files"])
     print(f"{name}: complete", flush=True)
 

@@ -196,6 +196,20 @@ def write_detector(folder: Path, name: str) -> None:
 WRITERS = {"base": write_base, "controlnet": write_controlnet, "detector": write_detector}
 
 
+def writer(name: str, role: str):
+    """How a component's tiny version is written: the function its manifest entry names (another model
+    family's), a derived ControlNet's, or its role's (another ControlNet version's role as its default's)."""
+    spec = weights.MANIFEST["components"][name]
+    if "tiny" in spec:
+        import importlib
+
+        module, _, function = spec["tiny"].partition(":")
+        return getattr(importlib.import_module(module), function)
+    if "from_unet" in spec:
+        return write_untrained_controlnet
+    return WRITERS[role.partition(weights.VERSION_MARK)[0]]
+
+
 def write(roles: dict[str, str], dest_root: Path, force: bool = False) -> None:
     """roles: component name -> role (several conditions share the base)."""
     for name, role in roles.items():
@@ -203,9 +217,7 @@ def write(roles: dict[str, str], dest_root: Path, force: bool = False) -> None:
         if weights.is_complete(folder, name, tiny=True) and not force:
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        derived = "from_unet" in weights.MANIFEST["components"][name]
-        # Another ControlNet version's role (controlnet@1.1) is written as its default role's.
-        (write_untrained_controlnet if derived else WRITERS[role.partition(weights.VERSION_MARK)[0]])(folder, name)
+        writer(name, role)(folder, name)
         weights.write_marker(folder, tiny=True, component=name, generator=weights.TINY_GENERATOR)
         print(f"tiny {name}: written to {folder}")
 
@@ -218,8 +230,11 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers_logging.disable_progress_bar()  # a bar for a one-shard, instant save is noise
     roles = {}
-    for condition in weights.CONDITIONS:
-        roles.update({name: role for role, name in weights.components(condition).items()})
+    for image in weights.CONDITIONS + tuple(weights.FAMILIES):  # a combined image's are its conditions'
+        for role, name in weights.components(image).items():
+            # A family's detector roles are named after their condition: canny.detector.
+            condition, _, own = role.partition(".")
+            roles[name] = own if condition in weights.CONDITIONS else role
     # Derived components are written from the base, so the base goes first.
     roles = dict(sorted(roles.items(), key=lambda item: "from_unet" in weights.MANIFEST["components"][item[0]]))
     write(roles, weights.root() / weights.TINY, args.force)
