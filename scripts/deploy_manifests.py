@@ -88,6 +88,9 @@ def render(
         "COND": condition, "IMAGE": image or f"controlnet-{condition}", "TIMEOUT_S": timeout_s,
         "GRACE_S": ENDPOINT_DRAIN_S + timeout_s + STOP_S + 5, "MAX_BODY_MB": MAX_BODY_MB,
     }
+    # Host memory: the templates' 12/16 GiB hold an SD 1.5 image; another family declares its own (Z-Image's
+    # 27 GB of bf16 weights pass through host memory while loading).
+    memory = weights.FAMILIES.get(condition, {}).get("host_memory")
     rendered = {}
     for template in sorted(TEMPLATES.glob("*.yaml")):
         docs = [d for d in yaml.safe_load_all(string.Template(template.read_text()).substitute(values)) if d]
@@ -97,6 +100,11 @@ def render(
                     pod["nodeSelector"] = dict(node_selector)
                 if tolerations:
                     pod["tolerations"] = list(tolerations)
+                if memory:
+                    for container in pod["containers"]:
+                        resources = container.setdefault("resources", {})
+                        resources.setdefault("requests", {})["memory"] = memory["request"]
+                        resources.setdefault("limits", {})["memory"] = memory["limit"]
                 if "terminationGracePeriodSeconds" in pod:  # the pods that stop by SIGTERM alone
                     for container in pod["containers"]:
                         code = PRESTOP.format(drain=ENDPOINT_DRAIN_S, timeout=timeout_s, port=5000)

@@ -32,6 +32,8 @@ def gpu_gb(name: str, role: str) -> float:
     stored in fp32 (the 1.0 downloads, tile's .bin, custom's untrained one) takes half its size; the base
     is stored in fp16 and the detectors are counted as stored."""
     spec = weights.MANIFEST["components"][name]
+    if spec.get("dtype") == "bf16":  # served as stored (the Z-Image models)
+        return size_gb(name)
     fp32 = "from_unet" in spec or not any("fp16" in f for f in spec["files"])
     is_controlnet = role.partition(weights.VERSION_MARK)[0].endswith("controlnet")
     return size_gb(name) / 2 if is_controlnet and fp32 else size_gb(name)

@@ -16,7 +16,7 @@ import yaml
 
 import weights
 from scripts.cog_config import MIN_COG_CLI
-from scripts.deploy_manifests import MAX_BODY_MB, TIMEOUT_S, render, toleration
+from scripts.deploy_manifests import MAX_BODY_MB, TIMEOUT_S, _pod_specs, render, toleration
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / ".github/workflows/release.yml"
@@ -194,3 +194,15 @@ def test_gpu_node_selection_and_tolerations_reach_every_pod():
                [doc.get("spec", {}).get("template", {}).get("spec") or doc.get("spec", {}).get("predictor") or {}])
     with pytest.raises(Exception, match="EFFECT"):
         toleration("nvidia.com/gpu")
+
+
+def test_the_zimage_pods_ask_for_the_host_memory_its_weights_need():
+    """Z-Image's 27 GB of bf16 weights pass through host memory while loading: its family declares 48/64 GiB;
+    an SD 1.5 image keeps the templates' 12/16 GiB."""
+    for condition, (request, limit) in (("zimage", ("48Gi", "64Gi")), ("canny", ("12Gi", "16Gi"))):
+        pods = [pod for docs in render(condition, image=f"controlnet-{condition}:test").values()
+                for doc in docs for pod in _pod_specs(doc)]
+        assert len(pods) == 3
+        for pod in pods:
+            resources = pod["containers"][0]["resources"]
+            assert (resources["requests"]["memory"], resources["limits"]["memory"]) == (request, limit), condition
