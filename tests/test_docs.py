@@ -218,3 +218,14 @@ def test_the_sizes_come_from_the_manifest(monkeypatch):
     text = (ROOT / "README.md").read_text()
     assert sizes.render(text) != text  # a changed manifest makes the committed table stale
     assert all("size_mb" in spec for spec in components.values())
+
+
+def test_the_python_page_runs_as_written(tmp_path, monkeypatch):
+    """docs/python.md's example, run as written (from the repository's root, on the tiny weights)."""
+    (code,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "python.md").read_text(), re.S)
+    monkeypatch.chdir(tmp_path)  # its outputs/ folder, not the repository's
+    (tmp_path / "outputs").mkdir()
+    namespace: dict = {}
+    exec(compile(code, "docs/python.md", "exec"), namespace)
+    assert len(namespace["files"]) == 2
+    assert namespace["control_map"].size == namespace["sample"].size == (704, 512)  # 640x480 at 512: 64-multiples
