@@ -19,7 +19,7 @@ TEMPLATE ?=
 
 # An unknown COND is one line naming the conditions, before any target runs (COND=a,b for make fuzz).
 ifneq ($(filter command line environment,$(origin COND)),)
-KNOWN_CONDS := $(shell python3 -c 'import json; m = json.load(open("weights/manifest.json")); print(*m["conditions"], *m.get("combined", {}))')
+KNOWN_CONDS := $(shell python3 -c 'import json; m = json.load(open("weights/manifest.json")); print(*m["conditions"], *m.get("combined", {}), *m.get("families", {}))')
 UNKNOWN_CONDS := $(filter-out $(KNOWN_CONDS),$(subst $(comma), ,$(COND)))
 ifneq ($(strip $(UNKNOWN_CONDS)),)
 $(error unknown COND=$(COND); the conditions are: $(KNOWN_CONDS))

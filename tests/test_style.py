@@ -322,7 +322,7 @@ def test_a_file_that_makes_the_output_non_finite_is_blamed_not_the_server(canny,
         raise models.pipeline.NonFiniteOutputError(f"the model produced non-finite values (NaN/inf) during {stage}; "
                                                    "this is a numerical fault of the server")
 
-    monkeypatch.setattr(models.pipeline, "_check_finite", non_finite)
+    monkeypatch.setattr(models.pipeline, "check_finite", non_finite)
     with pytest.raises(ValueError, match="non-finite values .* with this request's lora_url, the likely cause: try a "
                                          "lower lora_scale"):
         canny.generate(path, "a house", **FAST, lora_url=as_uri(filled_lora(canny, 0.01)))
