@@ -187,7 +187,7 @@ def plan_area(height: int, width: int, megapixels: float, out_width: int = 0, ou
     """A model family sized by area (Z-Image-Turbo): about `megapixels` at the upload's aspect, sides in
     multiples of `multiple`, when no exact size is asked; else the exact size as plan_size gives it, generated
     at the next multiples of `multiple`."""
-    _check_aspect(height, width)
+    check_aspect(height, width)
     if not out_width and not out_height:
         scale = (megapixels * 2**20 / (height * width)) ** 0.5
         size = tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (height, width))

@@ -108,7 +108,7 @@ def load_controlnet(path: Path, config_folder: Path, dtype=None):
         )
     kwargs = {"config": str(config_folder)}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs["dtype"] = dtype  # diffusers 0.42 deprecates torch_dtype
     return ZImageControlNetModel.from_single_file(str(path), **kwargs)
 
 
@@ -119,7 +119,7 @@ def load_pipeline(base: Path, controlnet, device: str = "cpu", dtype=None):
 
     kwargs = {"controlnet": controlnet}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs["dtype"] = dtype
     pipe = ZImageControlNetPipeline.from_pretrained(str(base), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -355,10 +355,12 @@ def test_playground_in_a_headless_browser(canny, tmp_path):
                 document.getElementById('status').textContent)).observe(document.getElementById('status'),
                 {childList: true, characterData: true, subtree: true})""")
             page.select_option("#in-image_resolution", "256")
-            page.fill("#in-ddim_steps", "20")
+            # Long enough for a progress line to reach the page (logs travel in ~0.5 s batches): 20 tiny steps
+            # took 0.8 s on an idle machine, done before the first batch.
+            page.fill("#in-ddim_steps", "100")
             page.click("#run")
             page.wait_for_selector("figure img.sample", timeout=300_000)
-            progress = [line for line in page.evaluate("window.seen") if re.search(r"step \d+/20", line)]
+            progress = [line for line in page.evaluate("window.seen") if re.search(r"step \d+/100", line)]
             assert progress, page.evaluate("window.seen")
             assert page.locator("figure img.control").count() == 1 and page.locator("figure img.sample").count() == 1
             page.wait_for_function("[...document.querySelectorAll('figure img')].every(i => i.complete && i.naturalWidth > 0)",
