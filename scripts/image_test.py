@@ -351,11 +351,20 @@ def image_inputs(condition: str) -> dict:
     return {"image": sample_image()}
 
 
+def small_request(port: int) -> dict:
+    """Two steps at 256 px, in the served schema's terms: an SD 1.5 image's (image_resolution, ddim_steps) or
+    another family's (num_inference_steps, an exact width: the 320x256 upload's aspect gives 256 px high)."""
+    served = http_json(f"http://127.0.0.1:{port}/openapi.json")["components"]["schemas"]["Input"]["properties"]
+    if "ddim_steps" in served:
+        return {"image_resolution": "256", "ddim_steps": 2}
+    return {"num_inference_steps": 2, "width": 320}
+
+
 def predict(port: int, condition: str = "canny") -> tuple[float, list]:
     from PIL import Image
 
-    body = {"input": {**image_inputs(condition), "prompt": "a house", "image_resolution": "256",
-                      "ddim_steps": 2, "seed": 7, "num_samples": "1"}}
+    body = {"input": {**image_inputs(condition), "prompt": "a house", "seed": 7, "num_samples": "1",
+                      **small_request(port)}}
     started = time.monotonic()
     answer = http_json(f"http://127.0.0.1:{port}/predictions", body, timeout=600)
     elapsed = time.monotonic() - started

@@ -232,3 +232,15 @@ def test_the_benchmarks_full_size_model_is_z_image_turbos(tmp_path):
     assert counts["controlnet"] == 3356.2
     assert 6100 < counts["transformer"] < 6200 and 4000 < counts["text_encoder"] < 4050 and 80 < counts["vae"] < 90
     assert pipe.transformer.dtype == torch.bfloat16
+
+
+def test_the_largest_sides_run_on_the_tiny_model(pipe):
+    """The tiny transformer has positions for the largest width/height (2048 px: 128 patches a side); with
+    fewer, the served default of about a megapixel (1152x912 for a 5:4 upload) failed with an IndexError."""
+    assert pipe.transformer.config.axes_lens[1:] == [128, 128]
+    height, width = zimage.plan_size(256, 320)
+    assert (height, width) == (912, 1152)
+    control = Image.new("RGB", (width, height), "white")
+    out = pipe(prompt="a house", height=height, width=width, num_inference_steps=1, guidance_scale=0.0,
+               control_image=control, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, height, width, 3)

@@ -28,9 +28,10 @@ MARKER = ".complete.json"
 VERSION_MARK = "@"  # a role of another ControlNet version than the image's default: controlnet@1.1
 TINY = "tiny"
 # Bumped whenever weights/tiny.py writes something different (2: word-level tokenizer; 3: pose's hand and
-# face networks; 4: the 1.1 seg ControlNet as the fp16 file its pinned download is), so tiny weights written by an
-# older generator are rewritten instead of loaded.
-TINY_GENERATOR = 4
+# face networks; 4: the 1.1 seg ControlNet as the fp16 file its pinned download is; 5: Z-Image's transformer with
+# positions for 2048 px, the largest width/height), so tiny weights written by an older generator are rewritten
+# instead of loaded.
+TINY_GENERATOR = 5
 
 
 class MissingWeightsError(RuntimeError):

@@ -89,7 +89,7 @@ def write_base(folder: Path, name: str = "z-image-turbo") -> None:
     ))
     transformer = ZImageTransformer2DModel(
         dim=DIM, n_layers=30, n_refiner_layers=2, n_heads=HEADS, n_kv_heads=HEADS, cap_feat_dim=TEXT_DIM,
-        axes_dims=[8, 4, 4], axes_lens=[256, 64, 64],
+        axes_dims=[8, 4, 4], axes_lens=[256, 128, 128],
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 16, 16, 16),
