@@ -90,8 +90,13 @@ def train(
         shutil.rmtree(folder, ignore_errors=True)
     _last_output.clear()
     # Cog reads the returned files after train() returns: they stay until the next training or exit.
-    out = Path(tempfile.mkdtemp(prefix="controlnet-train-"))
-    _last_output.append(str(out))
+    from models import critical
+
+    # A cancel that landed between making the folder and recording it left it behind for good (an empty
+    # controlnet-train-* folder after a cancel straight after the PUT): the two happen as one, the cancel after.
+    with critical.section():
+        out = Path(tempfile.mkdtemp(prefix="controlnet-train-"))
+        _last_output.append(str(out))
     atexit.register(shutil.rmtree, str(out), ignore_errors=True)
 
     try:
