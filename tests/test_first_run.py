@@ -232,12 +232,14 @@ def test_make_predict_shows_progress_while_it_runs_and_a_busy_server_in_one_line
     image = sample_image(tmp_path / "house.png")
     command = [sys.executable, "-m", "scripts.predict", "--url", canny.url, "--image", str(image), "--prompt", "a house",
                "--out", str(tmp_path / "out"), "-i", "image_resolution=256"]
-    running = subprocess.Popen([*command, "-i", "ddim_steps=20"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Long enough to be still running when its first step line arrives (logs travel in ~0.5 s batches): 20 tiny
+    # steps took 1 s on an idle machine, done by then.
+    running = subprocess.Popen([*command, "-i", "ddim_steps=100"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         for line in running.stdout:
             lines.append(line)
-            if re.match(r"step \d+/20", line):
+            if re.match(r"step \d+/100", line):
                 break
         # A step line is on the terminal while the prediction is still running.
         assert canny.health() == "BUSY", lines
@@ -250,7 +252,7 @@ def test_make_predict_shows_progress_while_it_runs_and_a_busy_server_in_one_line
             running.kill()
     assert running.returncode == 0, "".join(lines) + rest
     printed = "".join(lines) + rest
-    steps = re.findall(r"^step (\d+)/20", printed, re.M)
+    steps = re.findall(r"^step (\d+)/100", printed, re.M)
     assert steps and len(steps) == len(set(steps))  # each line once, although every webhook carries all of them
     assert printed.count("Using seed:") == 1
     assert sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "out").glob("*.png")) == ["1.png", "control.png"]
