@@ -21,12 +21,12 @@ from typing import List, Optional
 from cog import BaseModel, Input, Path
 
 from cog_base.runtime import remove_on_worker_stop
+from models import TRAINING_OUTPUTS as _last_output  # the previous training's files, removed when the next one starts
 
 # Serving and training never download: the base comes from the local weights folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONDITION = "custom"
-_last_output: list[str] = []  # the previous training's files, removed when the next one starts
 remove_on_worker_stop(lambda: list(_last_output))  # and when the server stops
 
 
